@@ -1,0 +1,29 @@
+# Set-up and the two jobs of this project. `make test` and `make demo` create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test demo study benchmarks constraints clean
+
+setup: $(STAMP)
+
+# torch is pinned in the same pip command: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+constraints:
+	$(PY) -m pip freeze --exclude-editable | grep -v -i cppo | sed 's/+cpu//' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

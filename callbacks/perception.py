@@ -1,0 +1,381 @@
+"""What the model saw and which tokens CPPO treated as perception tokens.
+
+Every ``every_n_steps`` training steps (and after validation), a few rollouts of the last batch are drawn
+as
+
+* ``perception/step_XXXXXX.html``: a self-contained page (inline CSS, images as data URIs) with the views
+  ``I``, ``I+``, ``I-`` side by side, the question, and the completion with one ``<span class="tok">`` per
+  token, shaded by its entropy shift ``dH = H(I-) - H(I)`` (red: the token became less certain without the
+  visual information; blue: more certain; unshaded: no ``dH``, e.g. a row gated out with ``A <= 0``),
+  the selected perception tokens outlined (``class="tok perception"``), with reward, advantage and the
+  extracted answer against the reference;
+* ``perception/step_XXXXXX.png``: the same views and the completion with perception tokens highlighted,
+  also sent to TensorBoard when the trainer logs there.
+
+Validation pages are named ``val_step_XXXXXX`` (no entropies: evaluation does not score views).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+from PIL import Image
+from typing_extensions import override
+
+from callbacks.rollout_log import logger_step, resolve_log_dir
+from cppo_lightning.batch import MASKED, ORIGINAL, PRESERVING, REMOVING
+from cppo_lightning.rewards import extract_boxed
+
+log = logging.getLogger(__name__)
+
+#: Views in display order, with the paper's names.
+VIEW_LABELS = {ORIGINAL: "I (original)", PRESERVING: "I+ (preserving)", REMOVING: "I- (removing)", MASKED: "I mask (PAPO)"}
+_COLORMAP = "RdBu_r"
+#: Tokens drawn per rollout in the PNG (the HTML page has all of them).
+PNG_MAX_TOKENS = 400
+
+
+def select_rows(rollout, count: int) -> list[int]:
+    """Rollouts worth drawing: the highest advantages first (only rows with ``A > 0`` have an ``I-``
+    entropy under gating), and the lowest-advantage one last for contrast. Ties go by reward.
+
+    Returns:
+        Up to ``count`` row indices.
+    """
+    advantages = rollout.advantages.detach().float().cpu().numpy()
+    rewards = rollout.rewards.detach().float().cpu().numpy()
+    order = np.lexsort((-rewards, -advantages)).tolist()
+    if count >= len(order):
+        return order
+    if count == 1:
+        return order[:1]
+    return order[: count - 1] + order[-1:]
+
+
+def token_rows(rollout, rows: list[int], tokenizer) -> list[dict]:
+    """Per selected rollout: its tokens (one decoded piece per completion token), ``dH``, perception flags.
+
+    Returns:
+        One dict per row: ``row``, ``id``, ``question``, ``answer``, ``extracted``, ``reward``, ``advantage``,
+        ``reward_terms``, ``images`` (view -> uint8 ``[H, W, 3]``), ``tokens`` (list of str), ``entropy``,
+        ``entropy_removed``, ``dh`` (float arrays, NaN where unknown) and ``perception`` (bool array), the
+        arrays with one entry per completion token (``completion_mask`` of the row).
+    """
+    index = torch.as_tensor(rows, dtype=torch.long)
+
+    def take(tensor):
+        return None if tensor is None else tensor.detach()[index.to(tensor.device)].cpu()
+
+    ids, mask = take(rollout.completion_ids), take(rollout.completion_mask).bool()
+    entropy, removed, perception = take(rollout.entropy), take(rollout.entropy_removed), take(rollout.perception_mask)
+    batch = rollout.batch
+    result = []
+    for position, row in enumerate(rows):
+        keep = mask[position]
+        count = int(keep.sum())
+        token_ids = ids[position][keep].tolist()
+        nan = np.full(count, np.nan)
+        h = entropy[position][keep].float().numpy() if entropy is not None else nan
+        h_removed = removed[position][keep].float().numpy() if removed is not None else nan
+        example = int(rollout.example_rows[row])
+        completion = rollout.completions[row]
+        result.append(
+            {
+                "row": row,
+                "id": batch.ids[example] if batch is not None else str(example),
+                "question": batch.questions[example] if batch is not None and batch.questions else "",
+                "answer": batch.answers[example] if batch is not None else "",
+                "extracted": extract_boxed(completion),
+                "reward": float(rollout.rewards[row]),
+                "advantage": float(rollout.advantages[row]),
+                "reward_terms": {name: float(values[row]) for name, values in rollout.reward_terms.items()},
+                "images": {
+                    view: np.asarray(batch.images[view][example])
+                    for view in VIEW_LABELS
+                    if batch is not None and view in batch.images
+                },
+                "tokens": [tokenizer.decode([token]) for token in token_ids],
+                "entropy": h,
+                "entropy_removed": h_removed,
+                "dh": h_removed - h,
+                "perception": perception[position][keep].numpy() if perception is not None else np.zeros(count, bool),
+            }
+        )
+    return result
+
+
+def _dh_scale(rows: list[dict]) -> float:
+    """Half-width of the diverging colour scale: the largest ``|dH|`` on the page."""
+    values = [np.abs(r["dh"][np.isfinite(r["dh"])]) for r in rows]
+    largest = max((float(v.max()) for v in values if v.size), default=0.0)
+    return largest if largest > 0 else 1.0
+
+
+def _dh_colour(dh: float, scale: float) -> str | None:
+    if not math.isfinite(dh):
+        return None
+    return to_hex(colormaps[_COLORMAP](0.5 + 0.5 * max(-1.0, min(1.0, dh / scale))))
+
+
+def _png_data_uri(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+_CSS = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+section.rollout { border-top: 1px solid #ccc; padding: 1em 0; }
+.views { display: flex; gap: 1em; }
+.views figure { margin: 0; text-align: center; }
+.views img { width: 224px; image-rendering: pixelated; border: 1px solid #ddd; }
+.meta td { padding: 0 1em 0 0; }
+.completion { font-family: monospace; white-space: pre-wrap; line-height: 1.9; }
+.tok { padding: 1px 0; }
+.tok.perception { outline: 2px solid #000; outline-offset: -1px; font-weight: bold; }
+.legend span { padding: 0 0.5em; }
+.key-perception { outline: 2px solid #000; font-weight: bold; }
+"""
+
+
+def perception_html(rows: list[dict], title: str) -> str:
+    """The HTML page of :func:`token_rows` output (every text through ``html.escape``)."""
+    scale = _dh_scale(rows)
+    low, high = _dh_colour(-scale, scale), _dh_colour(scale, scale)
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        '<p class="legend">Entropy shift dH = H(I-) - H(I) per token: '
+        f'<span style="background:{low}">dH = {-scale:.3g}</span>'
+        f'<span style="background:#ffffff">0</span>'
+        f'<span style="background:{high}">dH = +{scale:.3g}</span>; '
+        '<span class="key-perception">outlined</span> tokens are the perception tokens CPPO selected; '
+        "unshaded tokens have no dH (no I- forward, e.g. gated out with A &le; 0).</p>",
+    ]
+    for info in rows:
+        parts.append(f'<section class="rollout" data-row="{info["row"]}">')
+        parts.append(f"<h2>rollout {info['row']} &middot; example {e(str(info['id']))}</h2>")
+        parts.append('<div class="views">')
+        for view, image in info["images"].items():
+            parts.append(
+                f'<figure><img alt="{e(view)}" src="{_png_data_uri(image)}">'
+                f"<figcaption>{e(VIEW_LABELS[view])}</figcaption></figure>"
+            )
+        if not info["images"]:
+            parts.append("<p>(the batch carries no raw images)</p>")
+        parts.append("</div>")
+        extracted = info["extracted"] if info["extracted"] is not None else "(no \\boxed{})"
+        terms = ", ".join(f"{name} {value:.3g}" for name, value in info["reward_terms"].items())
+        parts.append('<table class="meta">')
+        for key, value in (
+            ("question", info["question"]),
+            ("reward", f"{info['reward']:.4g} ({terms})" if terms else f"{info['reward']:.4g}"),
+            ("advantage", f"{info['advantage']:.4g}"),
+            ("answer", f"{extracted}  vs reference  {info['answer']}"),
+            ("perception tokens", f"{int(info['perception'].sum())} of {len(info['tokens'])}"),
+        ):
+            parts.append(f'<tr><th align="left">{e(key)}</th><td>{e(value)}</td></tr>')
+        parts.append("</table>")
+        spans = []
+        for piece, h, h_removed, dh, selected in zip(
+            info["tokens"], info["entropy"], info["entropy_removed"], info["dh"], info["perception"]
+        ):
+            classes = "tok perception" if selected else "tok"
+            colour = _dh_colour(float(dh), scale)
+            tip = f"H(I) {h:.3f}, H(I-) {h_removed:.3f}, dH {dh:+.3f}" if colour else (
+                f"H(I) {h:.3f}, no I- entropy" if math.isfinite(h) else "no entropy"
+            )
+            attributes = f'class="{classes}" title="{e(tip)}"'
+            if colour:
+                attributes += f' data-dh="{dh:.6g}" style="background:{colour}"'
+            spans.append(f"<span {attributes}>{e(piece)}</span>")
+        parts.append('<div class="completion">' + "".join(spans) + "</div>")
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def perception_figure(rows: list[dict], title: str, width: float = 12.0) -> Figure:
+    """A matplotlib figure (no pyplot, no global backend): per rollout, its views side by side and below
+    them the completion, tokens shaded by ``dH`` and perception tokens boxed in black."""
+    font, char_width, line_height = 8.0, 0.6 * 8.0, 1.55 * 8.0  # points; DejaVu Sans Mono is 0.6 em wide
+    left, right = 0.3, 0.3  # inches
+    chars = max(20, int((width - left - right) * 72 / char_width))
+    scale = _dh_scale(rows)
+    layouts = [_wrap_tokens(info, chars) for info in rows]
+    image_height = 2.4
+    text_heights = [(lines + 3) * line_height / 72 for _, lines in layouts]
+    heights = [h for text_height in text_heights for h in (image_height, text_height)]
+    figure = Figure(figsize=(width, sum(heights) + 0.5), dpi=100)
+    figure.suptitle(title, fontsize=11)
+    grid = figure.add_gridspec(
+        len(heights), 1, height_ratios=heights, left=left / width, right=1 - right / width, top=1 - 0.4 / figure.get_figheight(),
+        bottom=0.05 / figure.get_figheight(), hspace=0.25,
+    )
+    for index, (info, (placed, lines)) in enumerate(zip(rows, layouts)):
+        views = list(info["images"].items()) or [(None, None)]
+        view_grid = grid[2 * index].subgridspec(1, len(views), wspace=0.05)
+        for column, (view, image) in enumerate(views):
+            axis = figure.add_subplot(view_grid[column])
+            axis.set_axis_off()
+            if image is None:
+                axis.text(0.5, 0.5, "(no raw images)", ha="center", va="center")
+                continue
+            axis.imshow(image, interpolation="nearest")
+            axis.set_title(VIEW_LABELS[view], fontsize=9)
+        text = figure.add_subplot(grid[2 * index + 1])
+        text.set_axis_off()
+        text.set_xlim(0, chars)
+        text.set_ylim(lines + 3, 0)
+        extracted = info["extracted"]
+        header = (
+            f"rollout {info['row']}  example {info['id']}  reward {info['reward']:.3g}  advantage {info['advantage']:.3g}  "
+            f"answer {extracted if extracted is not None else '-'} (reference {info['answer']})  "
+            f"perception tokens {int(info['perception'].sum())}/{len(info['tokens'])}"
+        )
+        text.text(0, 0, header[: chars], fontsize=font, family="monospace", va="top", parse_math=False, fontweight="bold")
+        text.text(0, 1, f"Q: {info['question']}"[: chars], fontsize=font, family="monospace", va="top", parse_math=False)
+        for line, column, piece, dh, selected in placed:
+            colour = _dh_colour(dh, scale)
+            box = None
+            if colour or selected:
+                box = dict(
+                    boxstyle="square,pad=0.05",
+                    facecolor=colour or "none",
+                    edgecolor="black" if selected else "none",
+                    linewidth=1.2 if selected else 0,
+                )
+            text.text(
+                column, line + 2, piece, fontsize=font, family="monospace", va="top", ha="left", bbox=box,
+                parse_math=False, fontweight="bold" if selected else "normal",
+            )
+    return figure
+
+
+def _wrap_tokens(info: dict, chars: int) -> tuple[list[tuple[int, int, str, float, bool]], int]:
+    """``(line, column, text, dH, perception)`` pieces of a monospace layout ``chars`` wide, and the line count."""
+    placed, line, column = [], 0, 0
+    count = min(len(info["tokens"]), PNG_MAX_TOKENS)
+    for piece, dh, selected in zip(info["tokens"][:count], info["dh"][:count], info["perception"][:count]):
+        segments = piece.replace("\t", "    ").split("\n")
+        for number, segment in enumerate(segments):
+            if number:
+                line, column = line + 1, 0
+            while segment:
+                if column >= chars:
+                    line, column = line + 1, 0
+                chunk = segment[: chars - column]
+                placed.append((line, column, chunk, float(dh), bool(selected)))
+                column += len(chunk)
+                segment = segment[len(chunk) :]
+            if not segments[0] and len(segments) == 1 and selected:
+                # An empty piece (e.g. a special token decoded to nothing) still shows as a marked blank.
+                placed.append((line, column, " ", float(dh), True))
+                column += 1
+    if count < len(info["tokens"]):
+        placed.append((line + 1, 0, f"... ({len(info['tokens']) - count} more tokens in the HTML page)", math.nan, False))
+        line += 1
+    return placed, line + 1
+
+
+def figure_png(figure: Figure) -> bytes:
+    """PNG bytes of a figure (missing-glyph warnings of exotic tokens silenced)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Gg]lyph.*missing.*")
+        figure.savefig(buffer, format="png", facecolor="white")
+    return buffer.getvalue()
+
+
+def render_perception(rollout, rows: list[int], tokenizer, stem: Path, title: str) -> tuple[Path, Path, bytes]:
+    """Write ``<stem>.html`` and ``<stem>.png`` for the given rollouts.
+
+    Returns:
+        ``(html_path, png_path, png_bytes)``.
+    """
+    info = token_rows(rollout, rows, tokenizer)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    html_path, png_path = stem.with_suffix(".html"), stem.with_suffix(".png")
+    html_path.write_text(perception_html(info, title), encoding="utf-8")
+    png = figure_png(perception_figure(info, title))
+    png_path.write_bytes(png)
+    return html_path, png_path, png
+
+
+class PerceptionTokenVisualizer(pl.Callback):
+    """Draw the last rollouts' views, entropy shifts and perception tokens every ``every_n_steps`` steps.
+
+    Only rank zero draws (its own rollouts). A step that is not due costs one modulo.
+
+    Args:
+        every_n_steps: draw after one training step in this many (steps counted as the loggers count
+            them, so ``step_000049`` lines up with the metrics logged at step 49).
+        num_rollouts: rollouts per page.
+        on_validation: also draw the last validation batch after each validation run
+            (``val_step_XXXXXX``).
+        output_dir: folder that receives ``perception/``; default: the trainer's ``log_dir``.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        num_rollouts: int = 4,
+        on_validation: bool = True,
+        output_dir: str | Path | None = None,
+    ) -> None:
+        if every_n_steps < 1 or num_rollouts < 1:
+            raise ValueError(f"every_n_steps ({every_n_steps}) and num_rollouts ({num_rollouts}) must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.num_rollouts = num_rollouts
+        self.on_validation = on_validation
+        self.output_dir = output_dir
+        self.folder: Path | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.folder = resolve_log_dir(trainer, self.output_dir) / "perception"
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = logger_step(trainer)
+        if (step + 1) % self.every_n_steps or not trainer.is_global_zero:
+            return
+        self._draw(trainer, pl_module, getattr(pl_module, "last_rollout", None), f"step_{step:06d}", "train", step)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.on_validation or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        step = logger_step(trainer)
+        self._draw(trainer, pl_module, getattr(pl_module, "last_eval_rollout", None), f"val_step_{step:06d}", "val", step)
+
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollout, name: str, tag: str, step: int) -> None:
+        if rollout is None or self.folder is None:
+            return
+        started = time.perf_counter()
+        tokenizer = pl_module.policy.processor.tokenizer
+        rows = select_rows(rollout, self.num_rollouts)
+        title = f"{tag} step {step}: {type(getattr(pl_module, 'objective', None)).__name__}"
+        _, _, png = render_perception(rollout, rows, tokenizer, self.folder / name, title)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+                logger.experiment.add_image(f"perception/{tag}", image, global_step=step, dataformats="HWC")
+        log.debug("drew %s in %.2f s", self.folder / name, time.perf_counter() - started)

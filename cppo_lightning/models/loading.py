@@ -1,0 +1,371 @@
+"""Loading a policy: any ``AutoModelForImageTextToText`` checkpoint, with LoRA, QLoRA or full fine-tuning.
+
+The reference policy (the KL anchor) costs no second copy under LoRA/QLoRA: it is the same network with
+its adapters disabled. Full fine-tuning keeps a frozen copy. A KL weight of 0 means no reference at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+from cppo_lightning.models.tiny import is_tiny_spec, resolve_tiny_spec
+
+log = logging.getLogger(__name__)
+
+# The language model's attention and MLP projections. A bare name list would also hit the Qwen vision
+# MLP (`model.visual.blocks.N.mlp.gate_proj`), hence a regex anchored on `language_model`.
+LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# Linear layers of the vision encoder (Qwen `model.visual.blocks`, CLIP/SigLIP `vision_tower`/`vision_model`).
+VISION_TOWER_TARGETS = (
+    r".*(visual\.blocks|vision_tower|vision_model)\..*"
+    r"\.(qkv|proj|q_proj|k_proj|v_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj)"
+)
+# Linear layers of the vision-language projector (Qwen `visual.merger`, LLaVA `multi_modal_projector`,
+# Idefics3 `connector`).
+PROJECTOR_TARGETS = r".*(visual\.merger|multi_modal_projector|connector)\..*"
+
+# Module paths kept in full precision under 4-bit quantization: the vision side and the output head.
+# (Any list replaces transformers' default that keeps `lm_head`, so it is listed again.)
+UNQUANTIZED_MODULES = [
+    "model.visual",
+    "model.vision_tower",
+    "model.vision_model",
+    "model.multi_modal_projector",
+    "model.connector",
+    "lm_head",
+]
+
+_VISION_ATTRIBUTES = ("visual", "vision_tower", "vision_model")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters.
+
+    Args:
+        r: rank.
+        alpha: scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: dropout on the adapter input. Keep 0 for RL: dropout makes ``pi_old`` and the
+            re-scored ``pi`` differ even before any update.
+        target_modules: regex (``re.fullmatch`` on module names) of the linear layers to adapt;
+            default: the language model's attention and MLP projections.
+        include_vision_tower: also adapt the vision encoder's linear layers.
+        include_projector: also adapt the vision-language projector.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str = LANGUAGE_MODEL_TARGETS
+    include_vision_tower: bool = False
+    include_projector: bool = False
+
+    def target_regex(self) -> str:
+        """The union of the configured targets as one regex."""
+        parts = [self.target_modules]
+        if self.include_vision_tower:
+            parts.append(VISION_TOWER_TARGETS)
+        if self.include_projector:
+            parts.append(PROJECTOR_TARGETS)
+        return "|".join(f"(?:{p})" for p in parts)
+
+
+@dataclass
+class PolicyConfig:
+    """Which checkpoint to fine-tune, and how.
+
+    Args:
+        model_name_or_path: hub id, local folder, or ``tiny:<architecture>-<size>`` (built offline).
+        finetuning: ``"lora"``, ``"qlora"`` (4-bit NF4 base + LoRA) or ``"full"``.
+        lora: adapter settings for ``lora``/``qlora``.
+        dtype: weight dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``; None lets transformers choose.
+        gradient_checkpointing: recompute activations in backward (non-reentrant, works with PEFT).
+        freeze_vision_tower: no gradient into the vision encoder (full fine-tuning; under LoRA the base
+            is frozen anyway).
+        bnb_4bit_compute_dtype: compute dtype of the 4-bit layers (``qlora``).
+        bnb_4bit_double_quant: quantize the quantization constants too (``qlora``).
+        revision: hub revision.
+        trust_remote_code: passed to ``transformers``.
+    """
+
+    model_name_or_path: str = "tiny:qwen2_5_vl-smoke"
+    finetuning: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    freeze_vision_tower: bool = False
+    bnb_4bit_compute_dtype: str = "bfloat16"
+    bnb_4bit_double_quant: bool = True
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Turn a model name into what ``from_pretrained`` takes, checking local paths exist.
+
+    ``tiny:`` specs are built (once) into the cache folder. A name that looks like a local path (starts
+    with ``.``, ``/``, ``~`` or exists) must be an existing folder; anything else is a hub id.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+    """
+    name = os.fspath(name_or_path)
+    if is_tiny_spec(name):
+        return str(resolve_tiny_spec(name))
+    path = Path(name).expanduser()
+    # Hub ids are "name" or "owner/name"; anything else that is path-like must exist locally.
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise FileNotFoundError(f"model path {name!r} does not exist (or is not a folder)")
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model folder {name!r} has no config.json: not a transformers checkpoint")
+        return str(path)
+    return name
+
+
+def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
+    """Map a dtype name from YAML to a ``torch.dtype`` (``"auto"`` passes through)."""
+    if name is None or name == "auto":
+        return "auto"
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of 'auto', {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    """The vision encoder of a VLM (``visual``, ``vision_tower`` or ``vision_model``), or None."""
+    for owner in (getattr(model, "model", None), model):
+        for name in _VISION_ATTRIBUTES:
+            module = getattr(owner, name, None) if owner is not None else None
+            if isinstance(module, nn.Module):
+                return module
+    return None
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Names of every linear layer (plain or quantized) of ``model``."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.append(name)
+    return names
+
+
+def lora_target_names(model: nn.Module, lora: LoRAConfig) -> list[str]:
+    """The linear layers a LoRA config adapts (``re.fullmatch`` of its regex on module names).
+
+    Raises:
+        ValueError: the pattern matches no linear layer (the message lists some that exist).
+    """
+    try:
+        pattern = re.compile(lora.target_regex())
+    except re.error as error:
+        raise ValueError(f"LoRA target_modules is not a valid regex: {lora.target_modules!r} ({error})") from None
+    linear = linear_layer_names(model)
+    targets = [name for name in linear if pattern.fullmatch(name)]
+    if not targets:
+        examples = ", ".join(linear[:3] + linear[-3:])
+        raise ValueError(
+            f"LoRA target pattern {lora.target_regex()!r} matches no linear layer of "
+            f"{type(model).__name__}; linear layers are named like: {examples}"
+        )
+    return targets
+
+
+def _disable_cpu_bf16_repacking(model: nn.Module) -> None:
+    # On CPUs with AVX512-BF16 the first no-grad eval forward repacks every Linear4bit into an
+    # inference-only layout, after which every training forward fails. Keep the trainable layout.
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_model(
+    config: PolicyConfig, device_map: str | dict | torch.device | None = None
+):
+    """Load the base ``AutoModelForImageTextToText`` (4-bit under ``qlora``), without adapters.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        ValueError: the checkpoint is not a vision-language model.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
+
+    path = resolve_model_path(config.model_name_or_path)
+    hf_config = AutoConfig.from_pretrained(path, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    kwargs: dict = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
+    kwargs["dtype"] = torch_dtype(config.dtype)
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    if config.finetuning == "qlora":
+        compute = torch_dtype(config.bnb_4bit_compute_dtype)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=config.bnb_4bit_double_quant,
+            llm_int8_skip_modules=UNQUANTIZED_MODULES,
+        )
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except ValueError as error:
+        if "Unrecognized configuration class" in str(error):
+            raise ValueError(
+                f"{config.model_name_or_path!r} ({type(hf_config).__name__}, model_type "
+                f"{hf_config.model_type!r}) is not a vision-language model: AutoModelForImageTextToText "
+                "cannot load it. Use an image-text-to-text checkpoint such as Qwen/Qwen2.5-VL-3B-Instruct."
+            ) from None
+        raise
+    if vision_tower(model) is None:
+        raise ValueError(f"{config.model_name_or_path!r} has no vision tower: not a vision-language model")
+    if config.finetuning == "qlora":
+        _disable_cpu_bf16_repacking(model)
+    return model
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant checkpointing propagates gradients to LoRA weights without requiring the inputs
+    # to carry gradient (the reentrant variant needs `enable_input_require_grads`).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+class Policy(nn.Module):
+    """The trained VLM, its processor, and the reference policy.
+
+    Attributes:
+        model: the network to train and sample from (a ``PeftModel`` under LoRA/QLoRA).
+        processor: its processor.
+        config: the :class:`PolicyConfig` it was loaded from.
+        reference_mode: ``"disabled_adapters"`` (LoRA/QLoRA), ``"frozen_copy"`` (full fine-tuning),
+            or None (no KL term).
+    """
+
+    def __init__(self, model: nn.Module, processor, config: PolicyConfig, reference_mode: str | None):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.reference_mode = reference_mode
+        # A frozen copy is not a registered submodule of `model` and is never trained or checkpointed.
+        self.reference_model: nn.Module | None = None
+        if reference_mode == "frozen_copy":
+            self.reference_model = copy.deepcopy(model).requires_grad_(False).eval()
+
+    @property
+    def uses_adapters(self) -> bool:
+        """Whether the trainable parameters are LoRA adapters."""
+        return self.config.finetuning in ("lora", "qlora")
+
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """Context in which the yielded module computes the reference policy's outputs.
+
+        Raises:
+            RuntimeError: the policy was loaded without a reference (KL weight 0).
+        """
+        if self.reference_mode is None:
+            raise RuntimeError("this policy was loaded without a reference policy (KL weight 0)")
+        if self.reference_mode == "disabled_adapters":
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.reference_model
+
+    def unwrapped(self) -> nn.Module:
+        """The ``transformers`` model under any PEFT wrapper (for configs and ``generate`` settings)."""
+        model = self.model
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        return model
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def load_policy(
+    config: PolicyConfig,
+    reference: bool = True,
+    device_map: str | dict | torch.device | None = None,
+    processor=None,
+) -> Policy:
+    """Load a policy for RL fine-tuning.
+
+    Args:
+        config: what to load and how (LoRA/QLoRA/full, dtype, checkpointing...).
+        reference: whether a reference policy is needed (False when the KL weight is 0).
+        device_map: where to place a 4-bit model (bitsandbytes quantizes while loading).
+        processor: an already-loaded processor to reuse.
+
+    Returns:
+        A :class:`Policy`.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        ValueError: not a vision-language checkpoint, or LoRA targets that match nothing.
+    """
+    from cppo_lightning.models.processors import load_processor
+
+    if config.finetuning not in ("lora", "qlora", "full"):
+        raise ValueError(f"finetuning must be 'lora', 'qlora' or 'full', got {config.finetuning!r}")
+    model = load_model(config, device_map=device_map)
+    if processor is None:
+        processor = load_processor(config.model_name_or_path, config.revision, config.trust_remote_code)
+
+    if config.finetuning == "full":
+        if config.freeze_vision_tower:
+            vision_tower(model).requires_grad_(False)
+        if config.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
+        return Policy(model, processor, config, "frozen_copy" if reference else None)
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets = lora_target_names(model, config.lora)
+    if config.finetuning == "qlora":
+        # Casts the unquantized weights (norms, vision tower, head) to fp32 and freezes the base.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        # The resolved names of linear layers only: a regex would also catch norms inside a projector.
+        target_modules=targets,
+        bias="none",
+    )
+    model = get_peft_model(model, lora)
+    log.info("LoRA on %d linear layers (%s)", len(targets), config.finetuning)
+    return Policy(model, processor, config, "disabled_adapters" if reference else None)

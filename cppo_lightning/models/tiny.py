@@ -1,0 +1,335 @@
+"""Tiny vision-language models built offline, from configs only.
+
+Tests, the CPU demo and real checkpoints all load through ``from_pretrained``: these builders create a
+randomly initialised model of a real architecture (Qwen2.5-VL or LLaVA), a byte-level BPE tokenizer
+trained in memory on a small corpus, a Qwen-style chat template and the matching image processor, and
+write everything with ``save_pretrained`` to a folder. Nothing is downloaded.
+
+A folder can also be named by a ``tiny:`` spec wherever a model name is accepted, e.g.
+``tiny:qwen2_5_vl-smoke`` or ``tiny:llava-demo@seed=3``: it is built once into the cache folder
+(``$CPPO_CACHE`` or ``~/.cache/cppo_lightning``) and then loaded like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ARCHITECTURES = ("qwen2_5_vl", "llava")
+
+# Structural tokens. Qwen's names are kept for both architectures so one chat template serves both.
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+LLAVA_IMAGE = "<image>"
+
+_QWEN_SPECIALS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+_LLAVA_SPECIALS = [ENDOFTEXT, IM_START, IM_END, LLAVA_IMAGE]
+
+# Qwen-style chat template. Content is either a string or a list of {"type": "image"|"text"} parts.
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}__IMAGE__{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# What the tokenizer is trained on: the words of the synthetic perception task, the reasoning format and
+# digits. Byte-level BPE still encodes any text; this only makes the common words short.
+_CORPUS = [
+    "How many red shapes are in the image? How many blue circles are there?",
+    "What colour is the triangle? What color is the square? Is there a green star?",
+    "Is the yellow circle to the left of the purple square? Is it above or below? Answer yes or no.",
+    "red green blue yellow purple orange white black gray cyan magenta brown pink",
+    "circle circles square squares triangle triangles star stars diamond diamonds cross shape shapes",
+    "count left right above below top bottom middle image picture there is are the a an of in on",
+    "You FIRST think about the reasoning process as an internal monologue and then provide the final "
+    "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer "
+    "MUST BE put in \\boxed{}.",
+    "<think> I see 3 red shapes. </think> The answer is \\boxed{3}.",
+    "<think> The triangle is blue. </think> \\boxed{blue}",
+    "<think> yes </think> \\boxed{yes} <think> no </think> \\boxed{no}",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 + - * / = ( ) . , : ; ? !",
+    "user assistant system",
+]
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Sizes of one tiny preset (text decoder and vision encoder)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vocab: int
+
+
+SIZES: dict[str, TinySize] = {
+    # hidden 64, 2 layers: about 0.2 M parameters; a forward+backward takes milliseconds on a CPU.
+    "smoke": TinySize(64, 2, 4, 2, 128, 32, 2, 2, 512),
+    "small": TinySize(128, 4, 4, 2, 384, 64, 2, 2, 768),
+    # a few million parameters: big enough to learn the synthetic task in minutes on 2 cores.
+    "demo": TinySize(256, 4, 8, 4, 768, 128, 4, 4, 1024),
+}
+
+
+def train_tokenizer(specials: list[str], vocab_size: int, image_placeholder: str):
+    """Train a byte-level BPE tokenizer in memory and wrap it as a ``PreTrainedTokenizerFast``.
+
+    Args:
+        specials: special tokens, in id order (ids 0..len-1).
+        vocab_size: target vocabulary size (BPE merges stop earlier on a small corpus).
+        image_placeholder: the token the chat template writes for an image part.
+
+    Returns:
+        A left-padding fast tokenizer with a chat template; ``<|im_end|>`` is the EOS token and
+        ``<|endoftext|>`` the padding token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        padding_side="left",
+        chat_template=_CHAT_TEMPLATE.replace("__IMAGE__", image_placeholder),
+    )
+
+
+def _qwen2_5_vl(size: TinySize, image_size: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from cppo_lightning.models.processors import ImageOnlyQwen2_5_VLProcessor
+
+    tokenizer = train_tokenizer(_QWEN_SPECIALS, size.vocab, f"{VISION_START}{IMAGE_PAD}{VISION_END}")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN_SPECIALS}
+    head_dim = size.hidden // size.heads
+    # Multimodal RoPE splits head_dim / 2 frequencies over (time, height, width).
+    half = head_dim // 2
+    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope},
+            tie_word_embeddings=False,
+            bos_token_id=ids[ENDOFTEXT],
+            eos_token_id=ids[IM_END],
+            pad_token_id=ids[ENDOFTEXT],
+        ),
+        vision_config=dict(
+            depth=size.vision_layers,
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_hidden * 2,
+            num_heads=size.vision_heads,
+            out_hidden_size=size.hidden,
+            fullatt_block_indexes=[size.vision_layers - 1],
+            window_size=56,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+        bos_token_id=ids[ENDOFTEXT],
+        eos_token_id=ids[IM_END],
+        pad_token_id=ids[ENDOFTEXT],
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    # One token per 28 x 28 pixels: 56..image_size pixels a side -> 4..(image_size/28)^2 tokens.
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 56 * 56, "longest_edge": image_size * image_size}
+    )
+    processor = ImageOnlyQwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
+    suppress = [ids[t] for t in (IM_START, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)]
+    return model, processor, ids, suppress
+
+
+def _llava(size: TinySize, image_size: int):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava.processing_llava import LlavaProcessor
+
+    tokenizer = train_tokenizer(_LLAVA_SPECIALS, size.vocab, LLAVA_IMAGE)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _LLAVA_SPECIALS}
+    # LLaVA sees a fixed-size crop: keep it small so a CPU forward stays cheap (16 image tokens at 56 px).
+    side = min(image_size, 56)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_hidden * 2,
+            num_hidden_layers=size.vision_layers,
+            num_attention_heads=size.vision_heads,
+            image_size=side,
+            patch_size=14,
+            projection_dim=size.vision_hidden,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            max_position_embeddings=4096,
+            bos_token_id=ids[ENDOFTEXT],
+            eos_token_id=ids[IM_END],
+            pad_token_id=ids[ENDOFTEXT],
+        ),
+        image_token_id=ids[LLAVA_IMAGE],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    suppress = [ids[t] for t in (IM_START, LLAVA_IMAGE)]
+    return model, processor, ids, suppress
+
+
+_BUILDERS = {"qwen2_5_vl": _qwen2_5_vl, "llava": _llava}
+
+
+def build_tiny_vlm(
+    folder: str | os.PathLike,
+    architecture: str = "qwen2_5_vl",
+    size: str = "smoke",
+    seed: int = 0,
+    image_size: int = 224,
+) -> Path:
+    """Build a tiny, randomly initialised VLM and save it (model, tokenizer, processor) to ``folder``.
+
+    The result is deterministic for ``(architecture, size, seed, image_size)``: the same weights and
+    the same tokenizer bytes every time.
+
+    Args:
+        folder: where to write; created if missing.
+        architecture: ``"qwen2_5_vl"`` or ``"llava"``.
+        size: a preset of :data:`SIZES` (``"smoke"``, ``"small"``, ``"demo"``).
+        seed: weight initialisation seed.
+        image_size: largest image side the processor keeps (Qwen) or the fixed crop (LLaVA, at most 56).
+
+    Returns:
+        The folder, ready for :func:`cppo_lightning.models.load_policy` or ``from_pretrained``.
+    """
+    if architecture not in _BUILDERS:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; choose one of {ARCHITECTURES}")
+    if size not in SIZES:
+        raise ValueError(f"unknown tiny size {size!r}; choose one of {sorted(SIZES)}")
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor, ids, suppress = _BUILDERS[architecture](SIZES[size], image_size)
+    generation = model.generation_config
+    generation.eos_token_id = [ids[IM_END], ids[ENDOFTEXT]]
+    generation.pad_token_id = ids[ENDOFTEXT]
+    generation.bos_token_id = ids[ENDOFTEXT]
+    # A random model samples structural tokens (an image placeholder in the completion breaks the next
+    # forward with "image features and image tokens do not match"), so generation never emits them.
+    generation.suppress_tokens = suppress
+    generation.do_sample = True
+    generation.temperature = 1.0
+    generation.top_p = 1.0
+    generation.top_k = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (folder / "tiny_vlm.json").write_text(
+        json.dumps({"architecture": architecture, "size": size, "seed": seed, "image_size": image_size})
+    )
+    return folder
+
+
+_SPEC = re.compile(r"^tiny:(?P<arch>[a-z0-9_]+)-(?P<size>[a-z]+)(?:@seed=(?P<seed>\d+))?$")
+
+
+def is_tiny_spec(name: str) -> bool:
+    """Whether ``name`` is a ``tiny:<architecture>-<size>[@seed=N]`` spec."""
+    return isinstance(name, str) and name.startswith("tiny:")
+
+
+def cache_dir() -> Path:
+    """Folder where tiny models named by a spec are built: ``$CPPO_CACHE`` or ``~/.cache/cppo_lightning``."""
+    return Path(os.environ.get("CPPO_CACHE", Path.home() / ".cache" / "cppo_lightning"))
+
+
+def resolve_tiny_spec(name: str) -> Path:
+    """Build (once) the tiny model a ``tiny:`` spec names and return its folder.
+
+    Raises:
+        ValueError: the spec is malformed or names an unknown architecture/size.
+    """
+    match = _SPEC.match(name)
+    if match is None:
+        raise ValueError(
+            f"malformed tiny model spec {name!r}: expected 'tiny:<architecture>-<size>[@seed=N]', "
+            f"architecture in {ARCHITECTURES}, size in {sorted(SIZES)}, e.g. 'tiny:qwen2_5_vl-smoke'"
+        )
+    arch, size, seed = match["arch"], match["size"], int(match["seed"] or 0)
+    if arch not in _BUILDERS or size not in SIZES:
+        raise ValueError(
+            f"tiny model spec {name!r}: architecture must be one of {ARCHITECTURES} and size one of "
+            f"{sorted(SIZES)}"
+        )
+    target = cache_dir() / "tiny" / f"{arch}-{size}-seed{seed}"
+    if not (target / "tiny_vlm.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename, so concurrent processes (DDP ranks) never read half a folder.
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        build_tiny_vlm(staging, arch, size, seed)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race; its folder is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,678 @@
+"""Pure tensor functions behind GRPO, CPPO and PAPO.
+
+Every function here takes tensors and plain numbers and returns tensors; nothing keeps state.
+Shapes use ``R`` for rows (one row = one rollout of the micro-batch), ``T`` for response
+positions, ``V`` for the vocabulary, ``N`` for prompts and ``G`` for rollouts per prompt.
+Log-probs are natural-log probabilities of the sampled tokens. The algorithm and every default
+are specified in ``docs/cppo-algorithm.md`` (sections 1, 2, 4 and 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "AGGREGATIONS",
+    "ADVANTAGE_SCALES",
+    "DIVERGENCES",
+    "NonFiniteError",
+    "check_finite",
+    "check_same_shape",
+    "group_advantages",
+    "token_logprobs",
+    "token_entropy",
+    "k3_kl",
+    "full_kl",
+    "masked_aggregate",
+    "clipped_policy_loss",
+    "perception_token_mask",
+    "contrastive_perception_loss",
+    "implicit_perception_loss",
+    "double_entropy_loss",
+]
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+ADVANTAGE_SCALES = ("std", "none")
+DIVERGENCES = ("k3", "full_kl")
+
+# Log-ratios and k3 inputs are clamped to this range before exp so that one wildly off token
+# cannot turn the loss into inf (exp(20) ~ 4.9e8 is finite in float32 and bfloat16).
+LOG_RATIO_CLAMP = 20.0
+K3_CLAMP = 10.0
+ADVANTAGE_EPS = 1e-6
+PERCEPTION_EPS = 1e-6
+CPL_EPS = 1e-8
+# Elements of [*, V] logits processed at once by the chunked log-prob and entropy kernels when
+# no chunk size is given: 2**25 float32 elements = 128 MiB per temporary.
+DEFAULT_CHUNK_ELEMENTS = 2**25
+
+
+class NonFiniteError(ValueError):
+    """An input tensor of a loss contains NaN or inf."""
+
+
+def check_finite(name: str, tensor: Tensor) -> None:
+    """Raise ``NonFiniteError`` if ``tensor`` holds any NaN or inf.
+
+    Args:
+        name: How the error message refers to the tensor (e.g. ``"ref_logprobs"``).
+        tensor: Any floating-point tensor.
+
+    Raises:
+        NonFiniteError: With a message like ``"ref_logprobs has 3 non-finite values"``.
+    """
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        count = int((~finite).sum())
+        noun = "value" if count == 1 else "values"
+        raise NonFiniteError(
+            f"{name} has {count} non-finite {noun} (NaN or inf) out of {tensor.numel()}"
+        )
+
+
+def check_same_shape(**tensors: Tensor) -> None:
+    """Raise ``ValueError`` unless all keyword tensors have the same shape.
+
+    Args:
+        **tensors: Tensors keyed by the name the error message should use.
+
+    Raises:
+        ValueError: Naming the first tensor whose shape differs from the first one, e.g.
+            ``"logprobs has shape (2, 3) but old_logprobs has shape (2, 4)"``.
+    """
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, tensor in items[1:]:
+        if tensor.shape != first.shape:
+            raise ValueError(
+                f"{first_name} has shape {tuple(first.shape)} but {name} has shape {tuple(tensor.shape)}"
+            )
+
+
+def _check_rank(name: str, tensor: Tensor, rank: int, layout: str) -> None:
+    if tensor.dim() != rank:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(tensor.shape)}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages
+# --------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "std") -> Tensor:
+    """Group-normalised advantages, one per rollout.
+
+    ``A_i = (r_i - mean_g r) / (std_g r + 1e-6)`` over the ``G`` rollouts of the same prompt,
+    with the unbiased standard deviation. A group whose rewards are all equal gets exactly 0
+    (checked by comparison, not by relying on ``r - mean`` rounding to 0). With
+    ``group_size == 1`` every advantage is 0: a lone rollout has nothing to be compared with
+    and its standard deviation is undefined.
+
+    Args:
+        rewards (Tensor): [N * G] rewards, the ``G`` rollouts of one prompt contiguous.
+        group_size: ``G``, rollouts per prompt. Must divide ``len(rewards)``.
+        scale: ``"std"`` divides by the group standard deviation (GRPO); ``"none"`` only
+            subtracts the group mean (Dr. GRPO).
+
+    Returns:
+        Tensor: [N * G] advantages (float32, or the rewards' dtype if it is floating).
+
+    Raises:
+        ValueError: If ``group_size`` does not divide the number of rewards, or ``scale`` is
+            unknown.
+        NonFiniteError: If a reward is NaN or inf.
+    """
+    _check_choice("advantage scale", scale, ADVANTAGE_SCALES)
+    _check_rank("rewards", rewards, 1, "[N * G]")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"group_size {group_size} does not divide the number of rewards {rewards.numel()}"
+        )
+    check_finite("rewards", rewards)
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    if group_size == 1:
+        return torch.zeros_like(rewards)
+
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "std":
+        centred = centred / (grouped.std(dim=1, unbiased=True, keepdim=True) + ADVANTAGE_EPS)
+    constant = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    return centred.masked_fill(constant, 0.0).view(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probs and entropy from logits, chunked
+# --------------------------------------------------------------------------------------------
+
+
+def _blocks(rows: int, tokens: int, vocab: int, chunk_size: int | None) -> Iterator[tuple[slice, slice]]:
+    """Yield (row slice, token slice) blocks that cover [rows, tokens].
+
+    ``chunk_size`` counts rows. Without it, blocks hold about ``DEFAULT_CHUNK_ELEMENTS``
+    logits: several rows at once for short responses, part of one row for very long ones.
+    """
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+        for start in range(0, rows, chunk_size):
+            yield slice(start, min(start + chunk_size, rows)), slice(0, tokens)
+        return
+    per_row = max(1, tokens * vocab)
+    rows_per_block = max(1, DEFAULT_CHUNK_ELEMENTS // per_row)
+    if rows_per_block > 1 or per_row <= DEFAULT_CHUNK_ELEMENTS:
+        for start in range(0, rows, rows_per_block):
+            yield slice(start, min(start + rows_per_block, rows)), slice(0, tokens)
+        return
+    tokens_per_block = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
+    for row in range(rows):
+        for start in range(0, tokens, tokens_per_block):
+            yield slice(row, row + 1), slice(start, min(start + tokens_per_block, tokens))
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    """float32 for half-precision logits (their softmax sums lose too much), else their dtype."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _scaled_block(logits: Tensor, temperature: float) -> tuple[Tensor, bool]:
+    """One block of logits in the compute dtype divided by the temperature; True if a copy."""
+    block = logits.to(_compute_dtype(logits))
+    owned = block.data_ptr() != logits.data_ptr()
+    if temperature != 1.0:
+        block = block.div_(temperature) if owned else block / temperature
+        owned = True
+    return block, owned
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """``log softmax(logits / temperature)`` at the sampled tokens, in blocks.
+
+    Autograd through ``gather - logsumexp`` on slices would keep every scaled block alive until
+    backward (a full copy of the logits when ``temperature != 1``) and build a full-size zero
+    gradient per slice. This function saves only the logits (no copy) and the [R, T] logsumexp,
+    and writes the gradient ``(onehot - softmax) * grad / temperature`` block by block into a
+    single [R, T, V] tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, chunk_size: int | None) -> Tensor:
+        rows, length, vocab = logits.shape
+        out = torch.empty(rows, length, dtype=_compute_dtype(logits), device=logits.device)
+        lse = torch.empty_like(out)
+        for r, t in _blocks(rows, length, vocab, chunk_size):
+            block, _ = _scaled_block(logits[r, t], temperature)
+            block_lse = torch.logsumexp(block, dim=-1)
+            lse[r, t] = block_lse
+            out[r, t] = block.gather(-1, tokens[r, t].unsqueeze(-1)).squeeze(-1) - block_lse
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
+        logits, tokens, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        temperature = ctx.temperature
+        grad_out = grad_out.to(lse.dtype)
+        rows, length, vocab = logits.shape
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for r, t in _blocks(rows, length, vocab, ctx.chunk_size):
+            block, owned = _scaled_block(logits[r, t], temperature)
+            shifted = block.sub_(lse[r, t].unsqueeze(-1)) if owned else block - lse[r, t].unsqueeze(-1)
+            softmax = shifted.exp_()
+            g = grad_out[r, t].unsqueeze(-1)
+            # d lp / d z = onehot(token) - softmax, then the chain rule through z / temperature.
+            softmax.mul_(-g).scatter_add_(-1, tokens[r, t].unsqueeze(-1), g)
+            if temperature != 1.0:
+                softmax.div_(temperature)
+            grad[r, t] = softmax
+        return grad, None, None, None
+
+
+def token_logprobs(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int | None = None
+) -> Tensor:
+    """Log-probability of each sampled token under ``softmax(logits / temperature)``.
+
+    Computes ``logit[token] / temperature - logsumexp(logits / temperature)`` in blocks of rows,
+    in float32, without materialising a log-softmax of the whole logits. The result carries
+    gradient to ``logits``; backward holds one gradient tensor of the logits' size plus one
+    block of temporaries. Double backward is not supported.
+
+    Args:
+        logits (Tensor): [R, T, V] logits at the positions that predict ``tokens`` (any float
+            dtype; may be a non-contiguous view).
+        tokens (Tensor): [R, T] sampled token ids; padding positions must hold a valid id too
+            (e.g. the pad token), not -100.
+        temperature: Sampling temperature of the rollout; must be positive.
+        chunk_size: Rows per block. ``None`` picks blocks of about 128 MiB of float32 logits
+            (splitting a row along T when one row alone is larger).
+
+    Returns:
+        Tensor: [R, T] sampled-token log-probs, float32 (float64 for float64 logits).
+
+    Raises:
+        ValueError: On mismatched shapes, token ids outside the vocabulary or a non-positive
+            temperature.
+    """
+    _check_rank("logits", logits, 3, "[R, T, V]")
+    _check_rank("tokens", tokens, 2, "[R, T]")
+    if tokens.shape != logits.shape[:2]:
+        raise ValueError(
+            f"tokens has shape {tuple(tokens.shape)} but logits has shape {tuple(logits.shape)}; "
+            "expected tokens [R, T] for logits [R, T, V]"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= logits.shape[-1]):
+        raise ValueError(
+            f"tokens must be ids in [0, {logits.shape[-1]}) (padding included), "
+            f"got values in [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+    return _TokenLogprobs.apply(logits, tokens.long(), float(temperature), chunk_size)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+    """Full-vocabulary Shannon entropy (nats) of ``softmax(logits / temperature)``.
+
+    Computed under ``no_grad`` (the entropy only selects tokens and is logged) in blocks of
+    rows, as ``H = logsumexp(z) - sum_v p_v z_v`` with ``z = logits / temperature``: that needs
+    one block of temporaries (``p``) besides the logits for float32 logits at temperature 1,
+    and one more (the scaled block) otherwise. Vocabulary entries with logit ``-inf``
+    (probability 0) contribute 0; NaN or ``+inf`` logits give a NaN entropy for that position
+    instead of a silently wrong number.
+
+    Args:
+        logits (Tensor): [R, T, V] logits (any float dtype).
+        temperature: Sampling temperature; must be positive.
+        chunk_size: Rows per block; ``None`` picks blocks of about 128 MiB of float32 logits.
+
+    Returns:
+        Tensor: [R, T] entropies, float32 (float64 for float64 logits), without gradient.
+    """
+    _check_rank("logits", logits, 3, "[R, T, V]")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    rows, length, vocab = logits.shape
+    out = torch.empty(rows, length, dtype=_compute_dtype(logits), device=logits.device)
+    for r, t in _blocks(rows, length, vocab, chunk_size):
+        block, _ = _scaled_block(logits[r, t], temperature)
+        lse = torch.logsumexp(block, dim=-1)
+        p_z = (block - lse.unsqueeze(-1)).exp_().mul_(block)
+        # Where p == 0 because z = -inf the product is 0 * -inf = NaN: such entries add 0 ...
+        entropy = lse - p_z.nan_to_num_(nan=0.0).sum(dim=-1)
+        # ... but keep NaN where the logits themselves were broken, which nan_to_num would hide.
+        out[r, t] = entropy.masked_fill_(~torch.isfinite(lse), float("nan"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Divergences and aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k3 ("low-variance") single-sample estimate of KL(pi || pi_ref) at the sampled tokens.
+
+    ``d = clamp(ref - lp, -20, 20)``, ``kl = clamp(exp(d) - d - 1, -10, 10)``. Nonnegative,
+    0 where the two log-probs agree. Gradient flows into both arguments.
+
+    Args:
+        logprobs (Tensor): [R, T] log-probs under the distribution the tokens were sampled from
+            (``lp^I``).
+        ref_logprobs (Tensor): [R, T] log-probs of the same tokens under the other distribution
+            (reference policy, or another image view).
+
+    Returns:
+        Tensor: [R, T] elementwise estimates.
+    """
+    check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    d = (ref_logprobs - logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return (torch.exp(d) - d - 1).clamp(-K3_CLAMP, K3_CLAMP)
+
+
+def full_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Exact KL(p || q) over the vocabulary, per position.
+
+    Args:
+        log_p (Tensor): [R, T, V] log-distribution of the anchor (``log pi(.|I)``).
+        log_q (Tensor): [R, T, V] log-distribution of the other view.
+
+    Returns:
+        Tensor: [R, T] ``sum_v p_v (log p_v - log q_v)``.
+    """
+    check_same_shape(log_p=log_p, log_q=log_q)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def masked_aggregate(
+    values: Tensor, mask: Tensor, mode: str = "token-mean", max_length: int | None = None
+) -> Tensor:
+    """Reduce per-token values over the response tokens of a micro-batch.
+
+    Modes:
+
+    - ``"token-mean"``: ``sum(v * m) / sum(m)`` over the whole micro-batch (default).
+    - ``"seq-mean-token-mean"``: mean over rows of each row's token-mean; rows without any
+      response token are left out of the row mean.
+    - ``"seq-mean-token-sum"`` (Dr. GRPO): mean over all ``R`` rows of each row's token-sum,
+      divided by ``max_length`` when given (a constant generation budget, so that no
+      length-dependent normaliser biases the gradient).
+
+    Masked-out positions never reach the result, even if they hold NaN. An all-zero mask
+    gives 0 with a zero (not NaN) gradient.
+
+    Args:
+        values (Tensor): [R, T] per-token values.
+        mask (Tensor): [R, T] bool (or 0/1) response mask.
+        mode: One of ``AGGREGATIONS``.
+        max_length: Only for ``"seq-mean-token-sum"``: constant divisor, e.g. the maximum
+            response length.
+
+    Returns:
+        Tensor: 0-dim aggregate.
+    """
+    _check_choice("aggregation", mode, AGGREGATIONS)
+    check_same_shape(values=values, mask=mask)
+    mask = mask.bool()
+    masked = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    # Counts in at least float32: bfloat16 cannot even count past 256 exactly.
+    counts = mask.sum(dim=-1).to(torch.promote_types(values.dtype, torch.float32))
+    if mode == "token-mean":
+        return masked.sum() / counts.sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        row_means = masked.sum(dim=-1) / counts.clamp(min=1)
+        rows_with_tokens = (counts > 0).sum().to(values.dtype)
+        return row_means.sum() / rows_with_tokens.clamp(min=1)
+    row_sums = masked.sum(dim=-1)
+    result = row_sums.sum() / max(1, row_sums.numel())
+    if max_length is not None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        result = result / max_length
+    return result
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Detached token-mean for metrics."""
+    return masked_aggregate(values.detach().float(), mask, "token-mean")
+
+
+# --------------------------------------------------------------------------------------------
+# Policy gradient
+# --------------------------------------------------------------------------------------------
+
+
+def _row_advantages(advantages: Tensor, logprobs: Tensor) -> Tensor:
+    """Advantages as [R, 1] (per rollout) or [R, T] (per token), validated."""
+    if advantages.dim() == 1:
+        if advantages.shape[0] != logprobs.shape[0]:
+            raise ValueError(
+                f"advantages has shape {tuple(advantages.shape)} but logprobs has shape "
+                f"{tuple(logprobs.shape)}; expected advantages [R] or [R, T]"
+            )
+        return advantages.unsqueeze(-1)
+    check_same_shape(logprobs=logprobs, advantages=advantages)
+    return advantages
+
+
+def clipped_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = 3.0,
+    aggregation: str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate with dual clip, aggregated over response tokens.
+
+    ``rho = exp(clamp(lp - lp_old, -20, 20))``,
+    ``pg = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)``, and for ``A < 0``
+    additionally ``pg = min(pg, -dual_clip * A)`` (bounds the loss of a very unlikely token
+    with negative advantage).
+
+    Args:
+        logprobs (Tensor): [R, T] ``lp^I`` under the current policy, with gradient.
+        old_logprobs (Tensor): [R, T] ``lp_old`` under the rollout policy (no gradient used).
+        advantages (Tensor): [R] per rollout (broadcast over tokens) or [R, T] per token.
+        mask (Tensor): [R, T] bool response mask.
+        eps_low: Lower clip range: ``rho >= 1 - eps_low``.
+        eps_high: Upper clip range: ``rho <= 1 + eps_high``.
+        dual_clip: Dual-clip constant ``c > 1`` for negative advantages; ``None`` disables it.
+        aggregation: One of ``AGGREGATIONS``.
+
+    Returns:
+        tuple[Tensor, dict[str, Tensor]]: the 0-dim loss, and detached 0-dim metrics (token
+        means over the mask): ``clip_fraction`` (tokens where the clipped branch is the one
+        used), ``dual_clip_fraction`` (tokens where the dual clip bound is the one used),
+        ``ratio_mean``.
+    """
+    check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
+    adv = _row_advantages(advantages, logprobs)
+    check_finite("logprobs", logprobs)
+    check_finite("old_logprobs", old_logprobs)
+    check_finite("advantages", advantages)
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be greater than 1 (or None), got {dual_clip}")
+
+    ratio = torch.exp((logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    adv = adv.detach()
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    pg = torch.maximum(unclipped, clipped)
+    metrics = {"clip_fraction": _masked_mean((clipped > unclipped).float(), mask)}
+    if dual_clip is not None:
+        bound = -dual_clip * adv
+        dual_active = (adv < 0) & (pg > bound)
+        pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
+        metrics["dual_clip_fraction"] = _masked_mean(dual_active.float(), mask)
+    else:
+        metrics["dual_clip_fraction"] = torch.zeros((), device=logprobs.device)
+    metrics["ratio_mean"] = _masked_mean(ratio, mask)
+    return masked_aggregate(pg, mask, aggregation), metrics
+
+
+# --------------------------------------------------------------------------------------------
+# CPPO: perception tokens and the Contrastive Perception Loss
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def perception_token_mask(
+    entropy: Tensor,
+    entropy_removed: Tensor,
+    response_mask: Tensor,
+    top_ratio: float = 0.5,
+    advantages: Tensor | None = None,
+) -> Tensor:
+    """Perception tokens by entropy shift: the tokens that depend most on the image.
+
+    ``dH = H^{I-} - H^I``; eligible tokens ``P_i = {t : dH > 0, response}``; key
+    ``s = dH / (H^{I-} + 1e-6)``. Each row keeps its top ``k_i = max(1, floor(top_ratio *
+    |P_i|))`` eligible tokens by ``s`` (every token tied with the k-th is kept, so a row can
+    keep more than ``k_i``); a row without eligible tokens keeps none. The result is ANDed
+    with the response mask and, when ``advantages`` is given, with ``A_i > 0`` (strict).
+    Computed without gradient: the mask only selects.
+
+    Args:
+        entropy (Tensor): [R, T] full-vocab entropy under the original image ``I``.
+        entropy_removed (Tensor): [R, T] entropy under the information-removing view ``I-``.
+        response_mask (Tensor): [R, T] bool, True on response (non-padding) tokens.
+        top_ratio: ``rho`` in (0, 1], fraction of eligible tokens kept per row.
+        advantages (Tensor, optional): [R] advantages for gating; ``None`` disables gating.
+
+    Returns:
+        Tensor: [R, T] bool perception-token mask ``M``.
+    """
+    check_same_shape(entropy=entropy, entropy_removed=entropy_removed, response_mask=response_mask)
+    _check_rank("entropy", entropy, 2, "[R, T]")
+    if not 0.0 < top_ratio <= 1.0:
+        raise ValueError(f"top_ratio must be in (0, 1], got {top_ratio}")
+    check_finite("entropy", entropy)
+    check_finite("entropy_removed", entropy_removed)
+    entropy, entropy_removed = entropy.detach().float(), entropy_removed.detach().float()
+    response = response_mask.bool()
+    if entropy.shape[-1] == 0:
+        return response.clone()
+
+    shift = entropy_removed - entropy
+    eligible = (shift > 0) & response
+    key = torch.where(eligible, shift / (entropy_removed + PERCEPTION_EPS), float("-inf"))
+    n_eligible = eligible.sum(dim=-1)
+    k = torch.floor(n_eligible.double() * top_ratio).long().clamp(min=1)
+    ranked = key.sort(dim=-1, descending=True).values
+    threshold = ranked.gather(-1, (k - 1).unsqueeze(-1))
+    # ``eligible`` already empties rows with |P_i| = 0 (their threshold is -inf).
+    selected = eligible & (key >= threshold) & response
+    if advantages is not None:
+        if advantages.shape != entropy.shape[:1]:
+            raise ValueError(
+                f"advantages has shape {tuple(advantages.shape)} but entropy has shape "
+                f"{tuple(entropy.shape)}; expected advantages [R]"
+            )
+        check_finite("advantages", advantages)
+        selected &= (advantages.detach() > 0).unsqueeze(-1)
+    return selected
+
+
+def contrastive_perception_loss(
+    logprobs: Tensor,
+    logprobs_preserving: Tensor,
+    logprobs_removing: Tensor,
+    mask: Tensor,
+    tau: float = 0.1,
+    divergence: str = "k3",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Contrastive Perception Loss (CPL): InfoNCE with similarity ``-KL``.
+
+    ``D+ = KL(pi(.|I) || pi(.|I+))``, ``D- = KL(pi(.|I) || pi(.|I-))``,
+    ``cpl = softplus((D+ - D-) / tau)``, ``L = sum(M * cpl) / (sum(M) + 1e-8)``. Pulls the
+    information-preserving view towards the original and pushes the information-removing view
+    away. All three inputs receive gradient (no stop-gradient on any branch, as in the
+    release). ``L`` is 0 when ``M`` selects nothing and stays connected to the graph.
+
+    Args:
+        logprobs (Tensor): ``lp^I``: [R, T] sampled-token log-probs (``divergence="k3"``) or
+            [R, T, V] log-distributions (``divergence="full_kl"``).
+        logprobs_preserving (Tensor): ``lp^{I+}``, same shape.
+        logprobs_removing (Tensor): ``lp^{I-}``, same shape.
+        mask (Tensor): [R, T] bool perception-token mask ``M``.
+        tau: Temperature, positive.
+        divergence: ``"k3"`` (sampled-token estimate, default) or ``"full_kl"`` (exact
+            full-vocabulary KL; ablation).
+
+    Returns:
+        tuple[Tensor, dict[str, Tensor]]: the 0-dim loss, and detached 0-dim metrics (means over
+        ``M``, 0 when empty): ``cpl``, ``divergence_preserving``, ``divergence_removing``.
+    """
+    _check_choice("divergence", divergence, DIVERGENCES)
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    check_same_shape(
+        logprobs=logprobs, logprobs_preserving=logprobs_preserving, logprobs_removing=logprobs_removing
+    )
+    check_finite("logprobs", logprobs)
+    check_finite("logprobs_preserving", logprobs_preserving)
+    check_finite("logprobs_removing", logprobs_removing)
+    if divergence == "k3":
+        check_same_shape(logprobs=logprobs, mask=mask)
+        d_plus = k3_kl(logprobs, logprobs_preserving)
+        d_minus = k3_kl(logprobs, logprobs_removing)
+    else:
+        _check_rank("logprobs", logprobs, 3, "[R, T, V] for divergence='full_kl'")
+        if mask.shape != logprobs.shape[:2]:
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} but logprobs has shape {tuple(logprobs.shape)}; "
+                "expected mask [R, T] for log-distributions [R, T, V]"
+            )
+        d_plus = full_kl(logprobs, logprobs_preserving)
+        d_minus = full_kl(logprobs, logprobs_removing)
+    mask = mask.bool()
+    cpl = F.softplus((d_plus - d_minus) / tau)
+    selected = torch.where(mask, cpl, torch.zeros((), dtype=cpl.dtype, device=cpl.device))
+    loss = selected.sum() / (mask.sum().to(torch.promote_types(cpl.dtype, torch.float32)) + CPL_EPS)
+    metrics = {
+        "cpl": _masked_mean(cpl, mask),
+        "divergence_preserving": _masked_mean(d_plus, mask),
+        "divergence_removing": _masked_mean(d_minus, mask),
+    }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# PAPO baseline
+# --------------------------------------------------------------------------------------------
+
+
+def implicit_perception_loss(
+    logprobs: Tensor, masked_logprobs: Tensor, mask: Tensor, aggregation: str = "token-mean"
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PAPO's implicit perception loss: ``-aggregate(k3(lp^I, lp^{Imask}))``.
+
+    Minimising it maximises the divergence between the policy on the original image and on
+    the patch-blackened image, i.e. rewards depending on the image. Whether ``masked_logprobs``
+    carries gradient is the caller's choice (PAPO's default: pre-update policy, no gradient).
+
+    Args:
+        logprobs (Tensor): [R, T] ``lp^I`` with gradient.
+        masked_logprobs (Tensor): [R, T] log-probs of the same tokens under the masked image.
+        mask (Tensor): [R, T] bool response mask.
+        aggregation: One of ``AGGREGATIONS``.
+
+    Returns:
+        tuple[Tensor, dict[str, Tensor]]: the 0-dim loss (to be minimised, weighted by
+        ``gamma``), and ``{"implicit_perception_loss": loss.detach()}``.
+    """
+    check_same_shape(logprobs=logprobs, masked_logprobs=masked_logprobs, mask=mask)
+    check_finite("logprobs", logprobs)
+    check_finite("masked_logprobs", masked_logprobs)
+    loss = -masked_aggregate(k3_kl(logprobs, masked_logprobs), mask, aggregation)
+    return loss, {"implicit_perception_loss": loss.detach()}
+
+
+def double_entropy_loss(
+    logprobs: Tensor, masked_logprobs: Tensor, mask: Tensor, eta_original: float, eta_masked: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PAPO's double entropy regulariser with the sampled-token NLL as entropy estimate.
+
+    ``eta_original * mean(-lp^I) + eta_masked * mean(-lp^{Imask})``, token means over the
+    mask. Added to the loss, it keeps both entropies from blowing up while the implicit
+    perception loss pushes the two views apart.
+
+    Args:
+        logprobs (Tensor): [R, T] ``lp^I``.
+        masked_logprobs (Tensor): [R, T] ``lp^{Imask}``.
+        mask (Tensor): [R, T] bool response mask.
+        eta_original: Weight of the entropy under the original image.
+        eta_masked: Weight of the entropy under the masked image.
+
+    Returns:
+        tuple[Tensor, dict[str, Tensor]]: the 0-dim loss and ``{"double_entropy": loss.detach()}``.
+    """
+    check_same_shape(logprobs=logprobs, masked_logprobs=masked_logprobs, mask=mask)
+    check_finite("logprobs", logprobs)
+    check_finite("masked_logprobs", masked_logprobs)
+    loss = eta_original * masked_aggregate(-logprobs, mask) + eta_masked * masked_aggregate(
+        -masked_logprobs, mask
+    )
+    return loss, {"double_entropy": loss.detach()}

@@ -1,0 +1,24 @@
+"""DataModules: data sources, albumentations perturbation pools, the synthetic perception task, collation."""
+
+from datamodules.examples import DEFAULT_PROMPT_TEMPLATE, ImageLimits, PromptEncoder, SkipReport
+from datamodules.perturbations import PerturbationPool, ViewMaker
+from datamodules.sources import Columns, DataSource
+from datamodules.synthetic import SyntheticTaskConfig, export_synthetic_dataset, generate_split
+from datamodules.vqa import SyntheticVQADataModule, VisualQADataModule, VQADataset
+
+__all__ = [
+    "DEFAULT_PROMPT_TEMPLATE",
+    "Columns",
+    "DataSource",
+    "ImageLimits",
+    "PerturbationPool",
+    "PromptEncoder",
+    "SkipReport",
+    "SyntheticTaskConfig",
+    "SyntheticVQADataModule",
+    "VQADataset",
+    "ViewMaker",
+    "VisualQADataModule",
+    "export_synthetic_dataset",
+    "generate_split",
+]

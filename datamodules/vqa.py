@@ -1,0 +1,415 @@
+"""LightningDataModules for visual question answering with verifiable answers.
+
+:class:`VisualQADataModule` reads any ``datasets`` source (hub id, parquet/json/jsonl/csv, a
+``save_to_disk`` folder, an image folder with metadata), checks every example at set-up (counted skips
+with reasons), and yields :class:`~cppo_lightning.batch.PromptBatch` es whose prompts carry the image
+views the objective needs: the original ``I``, the information-preserving ``I+`` and the
+information-removing ``I-`` (CPPO), or PAPO's masked view. The processor runs in the data workers.
+
+:class:`SyntheticVQADataModule` is the same over the embedded synthetic perception task.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import datasets
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
+
+from cppo_lightning.batch import MASKED, ORIGINAL, PRESERVING, REMOVING, PromptBatch
+from datamodules.examples import (
+    DEFAULT_PROMPT_TEMPLATE,
+    ExampleError,
+    ImageLimits,
+    PromptEncoder,
+    SkipReport,
+    clean_answer,
+    clean_question,
+    example_ids,
+    fit_pixels,
+    open_image,
+    to_rgb,
+)
+from datamodules.perturbations import PerturbationPool, ViewMaker
+from datamodules.sampling import EpochProgress, ResumableDataLoader, ResumableSampler
+from datamodules.sources import DataSource, load_source, resolve_columns
+from datamodules.synthetic import SyntheticTaskConfig, generate_split, to_hf_dataset
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_VIEWS = (ORIGINAL, PRESERVING, REMOVING)
+_METADATA_TYPES = (str, int, float, bool)
+
+
+class VQADataset(Dataset):
+    """Checked examples of one source. Items are requested as ``(index, epoch)``: the views depend on both.
+
+    Args:
+        dataset: the loaded split (images undecoded).
+        rows: the rows that passed the checks.
+        ids: example id of each kept row.
+        columns: resolved column names.
+        encoder: turns an example into model inputs.
+        limits: image pixel limits.
+        image_root: folder for relative image paths.
+        view_maker: draws the perturbed views (None: original only).
+        seed: view seed.
+        keep_images: keep the raw view images in the encoded example (for visualisation).
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        rows: list[int],
+        ids: list[str],
+        columns: dict[str, str | None],
+        encoder: PromptEncoder,
+        limits: ImageLimits,
+        image_root,
+        view_maker: ViewMaker | None,
+        seed: int,
+        keep_images: bool = True,
+    ) -> None:
+        self.dataset = dataset
+        self.rows = rows
+        self.ids = ids
+        self.columns = columns
+        self.encoder = encoder
+        self.limits = limits
+        self.image_root = image_root
+        self.view_maker = view_maker
+        self.seed = seed
+        self.keep_images = keep_images
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image(self, index: int) -> np.ndarray:
+        """The checked, RGB, pixel-limited image of example ``index`` as uint8 ``[H, W, 3]``."""
+        value = self.dataset[self.rows[index]][self.columns["image"]]
+        return np.asarray(fit_pixels(to_rgb(open_image(value, self.image_root)), self.limits))
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        row = self.dataset[self.rows[index]]
+        example_id = self.ids[index]
+        image = self.image(index)
+        if self.view_maker is not None:
+            views = self.view_maker(image, seed=self.seed, epoch=epoch, example_id=example_id)
+        else:
+            views = {ORIGINAL: image}
+        skip = {self.columns["image"], self.columns["question"], self.columns["answer"]}
+        metadata = {k: v for k, v in row.items() if k not in skip and isinstance(v, _METADATA_TYPES)}
+        return self.encoder.encode(
+            example_id,
+            views,
+            clean_question(row[self.columns["question"]]),
+            clean_answer(row[self.columns["answer"]]),
+            metadata,
+            keep_images=self.keep_images,
+        )
+
+
+def check_examples(
+    dataset: datasets.Dataset,
+    columns: dict[str, str | None],
+    ids: list[str],
+    encoder: PromptEncoder,
+    limits: ImageLimits,
+    image_root,
+    report: SkipReport,
+    strict: bool,
+) -> list[int]:
+    """Rows of ``dataset`` that pass every check; each failure counted in ``report`` (or raised if ``strict``).
+
+    Raises:
+        ValueError: ``strict`` and an example fails (the message names it, the field and the reason).
+    """
+    kept = []
+    needed = [columns["image"], columns["question"], columns["answer"]]
+    for row, example in enumerate(dataset.select_columns(needed)):
+        example_id = ids[row]
+        report.total += 1
+        try:
+            answer = clean_answer(example[columns["answer"]])
+            if not answer:
+                raise ExampleError("missing answer", f"field {columns['answer']!r} is empty")
+            question = clean_question(example[columns["question"]])
+            if not question:
+                raise ExampleError("missing question", f"field {columns['question']!r} is empty")
+            raw = open_image(example[columns["image"]], image_root)
+            if raw.mode != "RGB":
+                report.converted[raw.mode] += 1
+            image = fit_pixels(to_rgb(raw), limits)
+            encoder.check(question, image)
+        except ExampleError as error:
+            message = f"{report.source}: example {example_id!r} (row {row}): {error}"
+            if strict:
+                raise ValueError(message) from None
+            log.warning("skipping %s", message)
+            report.add(error.reason, example_id)
+            continue
+        kept.append(row)
+    return kept
+
+
+class VisualQADataModule(pl.LightningDataModule):
+    """Visual QA with verifiable answers, with the perturbed image views CPPO/PAPO need.
+
+    Args:
+        train: the training source.
+        val: validation sources (each is its own dataloader and avg@k metric).
+        test: test sources.
+        processor_name_or_path: the policy's checkpoint (the CLI links it to ``model.policy``).
+        batch_size: prompts per training step and device (each is rolled out ``G`` times).
+        eval_batch_size: prompts per validation/test batch (default: ``batch_size``).
+        prompt_template: format string with ``{question}``; default: the release's think/boxed instruction.
+        system_prompt: optional system message.
+        min_pixels: smallest image area (default: the processor's); smaller images are upscaled.
+        max_pixels: largest image area (default: the processor's); larger images are downscaled
+            (instead of being dropped as in the reference release).
+        max_prompt_tokens: longest prompt (text + image tokens); longer ones are counted skips.
+        views: image views to produce; None: the ones the module's objective needs (``required_views``),
+            or all of CPPO's when used without ``CPPOModule``.
+        preserving_pool: ``I+`` transforms (default: the release's pool).
+        removing_pool: ``I-`` transforms (default: the release's pool).
+        masked_pool: PAPO's masked-view transforms (default: 14 px patches blackened with p = 0.6).
+        strict: raise on the first bad example instead of skipping it.
+        num_workers: DataLoader worker processes (views and processor run there).
+        seed: seed of shuffling and of the view draws (with the epoch and example id).
+        shuffle: shuffle the training set every epoch.
+        keep_images: keep the raw view images in batches (for the visualisation callback).
+    """
+
+    def __init__(
+        self,
+        train: DataSource | None = None,
+        val: list[DataSource] | None = None,
+        test: list[DataSource] | None = None,
+        processor_name_or_path: str = "tiny:qwen2_5_vl-smoke",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        system_prompt: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_prompt_tokens: int | None = 4096,
+        views: list[str] | None = None,
+        preserving_pool: PerturbationPool | None = None,
+        removing_pool: PerturbationPool | None = None,
+        masked_pool: PerturbationPool | None = None,
+        strict: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        keep_images: bool = True,
+    ) -> None:
+        super().__init__()
+        if "{question}" not in prompt_template:
+            raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.train_source = train
+        self.val_sources = list(val or [])
+        self.test_sources = list(test or [])
+        self.processor_name_or_path = processor_name_or_path
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.max_prompt_tokens = max_prompt_tokens
+        self.views = tuple(views) if views is not None else None
+        self.pools = {PRESERVING: preserving_pool, REMOVING: removing_pool, MASKED: masked_pool}
+        self.strict = strict
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle = shuffle
+        self.keep_images = keep_images
+        self.processor = None
+        self.datasets: dict[str, list[VQADataset]] = {}
+        self.skip_reports: list[SkipReport] = []
+        self.progress = EpochProgress()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _load_processor(self):
+        if self.processor is None:
+            from cppo_lightning.models import load_processor
+
+            self.processor = load_processor(self.processor_name_or_path)
+        return self.processor
+
+    def image_limits(self) -> ImageLimits:
+        """Pixel limits: the configured ones, else the processor's (Qwen: ``shortest/longest_edge`` in pixels)."""
+        image_processor = self._load_processor().image_processor
+        size = getattr(image_processor, "size", None)
+        patch = getattr(image_processor, "patch_size", None) or 14
+        merge = getattr(image_processor, "merge_size", None) or 1
+        pixel_bounds = (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)) if merge > 1 else (None, None)
+        return ImageLimits(
+            min_pixels=self.min_pixels if self.min_pixels is not None else pixel_bounds[0],
+            max_pixels=self.max_pixels if self.max_pixels is not None else pixel_bounds[1],
+            factor=patch * merge,
+        )
+
+    def wanted_views(self) -> tuple[str, ...]:
+        """The views training batches carry."""
+        if self.views is not None:
+            views = self.views
+        else:
+            module = self.trainer.lightning_module if self._trainer_attached() else None
+            views = getattr(module, "required_views", None) or _DEFAULT_VIEWS
+        unknown = [view for view in views if view not in (ORIGINAL, PRESERVING, REMOVING, MASKED)]
+        if unknown:
+            raise ValueError(f"unknown views {unknown}; choose among {[ORIGINAL, PRESERVING, REMOVING, MASKED]}")
+        return tuple(dict.fromkeys((ORIGINAL, *views)))
+
+    def _trainer_attached(self) -> bool:
+        return getattr(self, "trainer", None) is not None
+
+    def _sources(self, stage: str) -> list[tuple[str, DataSource | datasets.Dataset]]:
+        """(name, source) pairs of a stage; subclasses may return in-memory datasets."""
+        if stage == "train":
+            return [(self.train_source.display_name, self.train_source)] if self.train_source else []
+        sources = self.val_sources if stage == "val" else self.test_sources
+        return [(source.display_name, source) for source in sources]
+
+    def _build(self, stage: str, name: str, source: DataSource | datasets.Dataset, views: tuple[str, ...]) -> VQADataset:
+        if isinstance(source, DataSource):
+            dataset, column_config, image_root = load_source(source), source.columns, source.resolved_image_root()
+        else:
+            from datamodules.sources import Columns
+
+            dataset, column_config, image_root = source, Columns(), None
+        columns = resolve_columns(dataset, column_config, name)
+        ids = example_ids(dataset[columns["id"]] if columns["id"] else None, name, len(dataset))
+        encoder = PromptEncoder(self._load_processor(), self.prompt_template, self.system_prompt, max_prompt_tokens=self.max_prompt_tokens)
+        limits = self.image_limits()
+        report = SkipReport(source=f"{stage}:{name}")
+        rows = check_examples(dataset, columns, ids, encoder, limits, image_root, report, self.strict)
+        self.skip_reports.append(report)
+        log.info(report.summary())
+        if not rows:
+            raise ValueError(f"{report.summary()}: no usable example left")
+        view_maker = None
+        if stage == "train" and len(views) > 1:
+            view_maker = ViewMaker([v for v in views if v != ORIGINAL], **{v: self.pools[v] for v in views if v != ORIGINAL})
+        return VQADataset(
+            dataset, rows, [ids[r] for r in rows], columns, encoder, limits, image_root, view_maker, self.seed, self.keep_images
+        )
+
+    @override
+    def setup(self, stage: str) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage, ())
+        for split in wanted:
+            if split in self.datasets:
+                continue
+            views = self.wanted_views() if split == "train" else (ORIGINAL,)
+            self.datasets[split] = [self._build(split, name, source, views) for name, source in self._sources(split)]
+        if stage == "fit" and not self.datasets.get("train"):
+            raise ValueError("fit needs a training source: set data.train")
+
+    # ------------------------------------------------------------------ loaders
+
+    def _collate(self):
+        return functools.partial(PromptBatch.from_examples, pad_token_id=self._pad_token_id())
+
+    def _pad_token_id(self) -> int:
+        tokenizer = self._load_processor().tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.datasets["train"][0]
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer_attached() else (1, 0)
+        sampler = ResumableSampler(
+            dataset, self.batch_size, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed, drop_last=True, progress=self.progress
+        )
+        batches = len(sampler) // self.batch_size
+        if batches == 0:
+            raise ValueError(
+                f"the training set has {len(dataset)} usable examples ({len(sampler)} per rank over {world} ranks): "
+                f"fewer than one batch of {self.batch_size}"
+            )
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,
+            progress=self.progress,
+            batches_per_epoch=batches,
+        )
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        return [
+            DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self._collate(), num_workers=self.num_workers)
+            for dataset in self.datasets.get(split, [])
+        ]
+
+    @override
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    @override
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+    @override
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Counted when the batch reaches the module (not when a worker prefetched it): this is the position
+        # a checkpoint must resume from.
+        if self._trainer_attached() and self.trainer.training:
+            self.progress.consumed_batches += 1
+        return batch
+
+    @property
+    def eval_names(self) -> dict[str, list[str]]:
+        """Names of the validation and test sources, in dataloader order."""
+        return {"val": [name for name, _ in self._sources("val")], "test": [name for name, _ in self._sources("test")]}
+
+
+class SyntheticVQADataModule(VisualQADataModule):
+    """The embedded synthetic perception task (shapes, colours, counts, positions) as a DataModule.
+
+    Args:
+        task: difficulty knobs of the generator.
+        train_size: training examples.
+        val_size: validation examples (0: no validation).
+        test_size: test examples (0: no test split).
+        data_seed: generator seed; the splits are fixed by it and never share an image.
+        **kwargs: everything :class:`VisualQADataModule` takes (batch size, views, pools, workers ...).
+    """
+
+    def __init__(
+        self,
+        task: SyntheticTaskConfig | None = None,
+        train_size: int = 512,
+        val_size: int = 64,
+        test_size: int = 128,
+        data_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.task = task or SyntheticTaskConfig()
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.data_seed = data_seed
+        self._generated: dict[str, datasets.Dataset] = {}
+
+    _SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
+
+    def _sources(self, stage: str) -> list[tuple[str, datasets.Dataset]]:
+        if not self.sizes[stage]:
+            return []
+        if stage not in self._generated:
+            split = self._SPLIT_NAMES[stage]
+            self._generated[stage] = to_hf_dataset(generate_split(self.task, split, self.sizes[stage], self.data_seed))
+        return [(f"synthetic-{self._SPLIT_NAMES[stage]}", self._generated[stage])]
