@@ -31,8 +31,11 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib import colormaps
+from matplotlib.backends.backend_agg import RendererAgg
+from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from PIL import Image
 from typing_extensions import override
 
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 
 #: Views in display order, with the paper's names.
 VIEW_LABELS = {ORIGINAL: "I (original)", PRESERVING: "I+ (preserving)", REMOVING: "I- (removing)", MASKED: "I mask (PAPO)"}
-_COLORMAP = "RdBu_r"
+_COLORMAP = "RdBu_r"  # red: dH > 0 (less certain without the visual information); kept light for readable text
 #: Tokens drawn per rollout in the PNG (the HTML page has all of them).
 PNG_MAX_TOKENS = 400
 
@@ -128,7 +131,7 @@ def _dh_scale(rows: list[dict]) -> float:
 def _dh_colour(dh: float, scale: float) -> str | None:
     if not math.isfinite(dh):
         return None
-    return to_hex(colormaps[_COLORMAP](0.5 + 0.5 * max(-1.0, min(1.0, dh / scale))))
+    return to_hex(colormaps[_COLORMAP](0.5 + 0.35 * max(-1.0, min(1.0, dh / scale))))
 
 
 def _png_data_uri(image: np.ndarray) -> str:
@@ -214,35 +217,40 @@ def perception_html(rows: list[dict], title: str) -> str:
 
 def perception_figure(rows: list[dict], title: str, width: float = 12.0) -> Figure:
     """A matplotlib figure (no pyplot, no global backend): per rollout, its views side by side and below
-    them the completion, tokens shaded by ``dH`` and perception tokens boxed in black."""
-    font, char_width, line_height = 8.0, 0.6 * 8.0, 1.55 * 8.0  # points; DejaVu Sans Mono is 0.6 em wide
-    left, right = 0.3, 0.3  # inches
-    chars = max(20, int((width - left - right) * 72 / char_width))
+    them the completion, tokens shaded by ``dH`` and perception tokens boxed in black.
+
+    The completion is laid out on a monospace grid: one text object per line and one collection of
+    rectangles for the shading, so a long completion draws in about the time of a short one.
+    """
+    font, line_height, dpi = 8.0, 1.6 * 8.0, 100  # points
+    char_width = _monospace_advance(font, dpi)
+    margin, image_height, title_height = 0.3, 2.4, 0.45  # inches
+    columns = (width - 2 * margin) * 72 / char_width
+    chars = int(columns)
     scale = _dh_scale(rows)
     layouts = [_wrap_tokens(info, chars) for info in rows]
-    image_height = 2.4
-    text_heights = [(lines + 3) * line_height / 72 for _, lines in layouts]
-    heights = [h for text_height in text_heights for h in (image_height, text_height)]
-    figure = Figure(figsize=(width, sum(heights) + 0.5), dpi=100)
-    figure.suptitle(title, fontsize=11)
+    heights = [h for _, lines in layouts for h in (image_height, (lines + 3) * line_height / 72)]
+    total = sum(heights) + title_height
+    figure = Figure(figsize=(width, total), dpi=dpi)
+    figure.text(0.5, 1 - 0.1 / total, title, fontsize=11, ha="center", va="top", parse_math=False)
     grid = figure.add_gridspec(
-        len(heights), 1, height_ratios=heights, left=left / width, right=1 - right / width, top=1 - 0.4 / figure.get_figheight(),
-        bottom=0.05 / figure.get_figheight(), hspace=0.25,
+        len(heights), 1, height_ratios=heights, left=margin / width, right=1 - margin / width,
+        top=1 - title_height / total, bottom=0, hspace=0,
     )
     for index, (info, (placed, lines)) in enumerate(zip(rows, layouts)):
-        views = list(info["images"].items()) or [(None, None)]
-        view_grid = grid[2 * index].subgridspec(1, len(views), wspace=0.05)
-        for column, (view, image) in enumerate(views):
-            axis = figure.add_subplot(view_grid[column])
-            axis.set_axis_off()
-            if image is None:
-                axis.text(0.5, 0.5, "(no raw images)", ha="center", va="center")
-                continue
-            axis.imshow(image, interpolation="nearest")
-            axis.set_title(VIEW_LABELS[view], fontsize=9)
+        axis = figure.add_subplot(grid[2 * index])
+        axis.set_axis_off()
+        if info["images"]:
+            strip, centres = _image_strip(info["images"])
+            axis.imshow(strip, interpolation="nearest")
+            axis.set_ylim(strip.shape[0] - 0.5, -0.5 - 0.12 * strip.shape[0])  # room for the labels
+            for view, centre in centres.items():
+                axis.text(centre, -1, VIEW_LABELS[view], ha="center", va="bottom", fontsize=9)
+        else:
+            axis.text(0.5, 0.5, "(the batch carries no raw images)", ha="center", va="center")
         text = figure.add_subplot(grid[2 * index + 1])
         text.set_axis_off()
-        text.set_xlim(0, chars)
+        text.set_xlim(0, columns)
         text.set_ylim(lines + 3, 0)
         extracted = info["extracted"]
         header = (
@@ -250,48 +258,90 @@ def perception_figure(rows: list[dict], title: str, width: float = 12.0) -> Figu
             f"answer {extracted if extracted is not None else '-'} (reference {info['answer']})  "
             f"perception tokens {int(info['perception'].sum())}/{len(info['tokens'])}"
         )
-        text.text(0, 0, header[: chars], fontsize=font, family="monospace", va="top", parse_math=False, fontweight="bold")
-        text.text(0, 1, f"Q: {info['question']}"[: chars], fontsize=font, family="monospace", va="top", parse_math=False)
+        style = dict(fontsize=font, family="monospace", va="top", ha="left", parse_math=False)
+        text.text(0, 0.2, header[:chars], fontweight="bold", **style)
+        text.text(0, 1.2, f"Q: {info['question']}"[:chars], **style)
+        grid_lines = [[" "] * chars for _ in range(lines)]
+        shading, colours, outlines = [], [], []
         for line, column, piece, dh, selected in placed:
+            grid_lines[line][column : column + len(piece)] = list(piece)
+            box = [(column, line + 2), (column + len(piece), line + 2), (column + len(piece), line + 3), (column, line + 3)]
             colour = _dh_colour(dh, scale)
-            box = None
-            if colour or selected:
-                box = dict(
-                    boxstyle="square,pad=0.05",
-                    facecolor=colour or "none",
-                    edgecolor="black" if selected else "none",
-                    linewidth=1.2 if selected else 0,
-                )
-            text.text(
-                column, line + 2, piece, fontsize=font, family="monospace", va="top", ha="left", bbox=box,
-                parse_math=False, fontweight="bold" if selected else "normal",
-            )
+            if colour:
+                shading.append(box)
+                colours.append(colour)
+            if selected:
+                outlines.append(box)
+        text.add_collection(PolyCollection(shading, facecolors=colours, edgecolors="none", zorder=1))
+        text.add_collection(PolyCollection(outlines, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3))
+        for line, characters in enumerate(grid_lines):
+            text.text(0, line + 2.2, "".join(characters).rstrip(), zorder=2, **style)
     return figure
 
 
+def _monospace_advance(size: float, dpi: int) -> float:
+    """Width in points of one monospace character as Agg draws it at ``dpi`` (glyph advances are
+    hinted to whole pixels, so the nominal 0.6 em drifts over a long line)."""
+    renderer = RendererAgg(10, 10, dpi)
+    sample = "0" * 100
+    width, _, _ = renderer.get_text_width_height_descent(sample, FontProperties(family="monospace", size=size), ismath=False)
+    return width / len(sample) * 72 / dpi
+
+
+def _image_strip(images: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:
+    """The views side by side on white, one image (one axes draws faster than one per view), and the
+    x centre of each view."""
+    height = max(image.shape[0] for image in images.values())
+    gap = max(4, height // 20)
+    pieces, centres, x = [], {}, 0
+    for view, image in images.items():
+        image = np.asarray(image, dtype=np.uint8)
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        image = image[..., :3]
+        padded = np.full((height, image.shape[1], 3), 255, np.uint8)
+        padded[: image.shape[0]] = image
+        if pieces:
+            pieces.append(np.full((height, gap, 3), 255, np.uint8))
+            x += gap
+        pieces.append(padded)
+        centres[view] = x + image.shape[1] / 2 - 0.5
+        x += image.shape[1]
+    return np.concatenate(pieces, axis=1), centres
+
+
 def _wrap_tokens(info: dict, chars: int) -> tuple[list[tuple[int, int, str, float, bool]], int]:
-    """``(line, column, text, dH, perception)`` pieces of a monospace layout ``chars`` wide, and the line count."""
+    """``(line, column, text, dH, perception)`` pieces of a monospace layout ``chars`` wide, and the line count.
+
+    A newline inside a token shows as ``↵`` before the break; an empty piece that CPPO selected shows as a
+    marked blank.
+    """
     placed, line, column = [], 0, 0
+
+    def put(segment: str, dh: float, selected: bool) -> None:
+        nonlocal line, column
+        while segment:
+            if column >= chars:
+                line, column = line + 1, 0
+            chunk = segment[: chars - column]
+            placed.append((line, column, chunk, dh, selected))
+            column += len(chunk)
+            segment = segment[len(chunk) :]
+
     count = min(len(info["tokens"]), PNG_MAX_TOKENS)
     for piece, dh, selected in zip(info["tokens"][:count], info["dh"][:count], info["perception"][:count]):
-        segments = piece.replace("\t", "    ").split("\n")
+        dh, selected = float(dh), bool(selected)
+        segments = "".join(c if c.isprintable() or c == "\n" else " " for c in piece).split("\n")
         for number, segment in enumerate(segments):
             if number:
+                put("↵", dh, selected)
                 line, column = line + 1, 0
-            while segment:
-                if column >= chars:
-                    line, column = line + 1, 0
-                chunk = segment[: chars - column]
-                placed.append((line, column, chunk, float(dh), bool(selected)))
-                column += len(chunk)
-                segment = segment[len(chunk) :]
-            if not segments[0] and len(segments) == 1 and selected:
-                # An empty piece (e.g. a special token decoded to nothing) still shows as a marked blank.
-                placed.append((line, column, " ", float(dh), True))
-                column += 1
+            put(segment, dh, selected)
+        if not piece and selected:
+            put(" ", dh, selected)
     if count < len(info["tokens"]):
-        placed.append((line + 1, 0, f"... ({len(info['tokens']) - count} more tokens in the HTML page)", math.nan, False))
-        line += 1
+        line, column = line + 1, 0
+        put(f"... ({len(info['tokens']) - count} more tokens in the HTML page)"[:chars], math.nan, False)
     return placed, line + 1
 
 
@@ -300,7 +350,7 @@ def figure_png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Gg]lyph.*missing.*")
-        figure.savefig(buffer, format="png", facecolor="white")
+        figure.savefig(buffer, format="png", facecolor="white", dpi=figure.dpi)
     return buffer.getvalue()
 
 

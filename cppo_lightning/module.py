@@ -17,6 +17,7 @@ The module is usable on its own in any Lightning project: it needs a DataModule 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -32,7 +33,7 @@ from typing_extensions import override
 
 from cppo_lightning.batch import ORIGINAL, PromptBatch, concat_vision_inputs
 from cppo_lightning.metrics import AverageAccuracy, RewardStatistics
-from cppo_lightning.models.loading import Policy, PolicyConfig, load_policy
+from cppo_lightning.models.loading import LoRAConfig, Policy, PolicyConfig, load_policy
 from cppo_lightning.models.scoring import completion_logits
 from cppo_lightning.objectives import (
     CPPO,
@@ -125,6 +126,28 @@ class _StepStatistics:
         return means
 
 
+def _as_dataclass(cls, value):
+    """A copy of a config dataclass, or one built from a dict."""
+    if isinstance(value, cls):
+        return copy.deepcopy(value)
+    if isinstance(value, Mapping):
+        value = dict(value)
+        if cls is PolicyConfig and isinstance(value.get("lora"), Mapping):
+            value["lora"] = LoRAConfig(**value["lora"])
+        return cls(**value)
+    raise TypeError(f"expected a {cls.__name__} or a dict, got {type(value).__name__}")
+
+
+def _as_objective(value) -> Objective:
+    if value is None:
+        return CPPO()
+    if isinstance(value, Objective):
+        return value
+    if isinstance(value, Mapping):
+        return Objective.from_config(value)
+    raise TypeError(f"objective must be an Objective (GRPO, CPPO, PAPO) or its config, got {type(value).__name__}")
+
+
 class CPPOModule(pl.LightningModule):
     """RL fine-tuning of a VLM with GRPO, CPPO or PAPO.
 
@@ -154,15 +177,26 @@ class CPPOModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        # Copies: the defaults are shared instances.
-        self.policy_config = copy.deepcopy(policy)
-        self.objective = objective if objective is not None else CPPO()
-        self.rollout_config = copy.deepcopy(rollout)
-        self.update_config = copy.deepcopy(update)
-        self.evaluation = copy.deepcopy(evaluation)
+        # Configs arrive as dataclasses (Python, CLI) or as plain dicts (load_from_checkpoint).
+        self.policy_config = _as_dataclass(PolicyConfig, policy)
+        self.objective = _as_objective(objective)
+        self.rollout_config = _as_dataclass(RolloutConfig, rollout)
+        self.update_config = _as_dataclass(UpdateConfig, update)
+        self.evaluation = _as_dataclass(EvaluationConfig, evaluation)
         self.reward_model = RewardModel(reward_functions or DEFAULT_REWARDS)
         self.eval_grader = resolve_reward_function(self.evaluation.reward)[1]
+        # Plain data only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "policy": dataclasses.asdict(self.policy_config),
+                "objective": self.objective.config(),
+                "rollout": dataclasses.asdict(self.rollout_config),
+                "update": dataclasses.asdict(self.update_config),
+                "evaluation": dataclasses.asdict(self.evaluation),
+                "reward_functions": self.reward_model.specification(),
+                "seed": seed,
+            }
+        )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.seed = seed
@@ -219,7 +253,9 @@ class CPPOModule(pl.LightningModule):
             if device.type == "cuda":
                 # bitsandbytes quantizes while loading: put each rank's copy on its own GPU directly.
                 device_map = {"": device}
-        self.policy = load_policy(self.policy_config, reference=self.objective.needs_reference, device_map=device_map)
+        # Seeded: LoRA's random initialisation must not depend on what ran before in the process.
+        with seeded(derived_seed(self.seed, "init")):
+            self.policy = load_policy(self.policy_config, reference=self.objective.needs_reference, device_map=device_map)
 
     @override
     def setup(self, stage: str) -> None:

@@ -137,9 +137,15 @@ class RewardModel:
         if not functions:
             raise ValueError("at least one reward function is needed")
         self.functions: list[tuple[str, Callable, float]] = []
+        self.paths: list[str] = []
         for spec, weight in functions.items():
             name, function = resolve_reward_function(spec)
             self.functions.append((short_name(name), function, float(weight)))
+            self.paths.append(spec if isinstance(spec, str) else f"{function.__module__}.{function.__qualname__}")
+
+    def specification(self) -> dict[str, float]:
+        """Import path -> weight (what the YAML says; callables by their qualified name)."""
+        return {path: weight for path, (_, _, weight) in zip(self.paths, self.functions)}
 
     def __call__(self, batch: PromptBatch, example_rows: Tensor, completions: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         """Rewards of completions of the batch's prompts.

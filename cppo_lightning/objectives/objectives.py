@@ -325,9 +325,29 @@ class Objective:
             )
         return view
 
-    def __repr__(self) -> str:
+    def config(self) -> dict[str, Any]:
+        """``{"class_path": ..., "init_args": {...}}``: plain data that rebuilds this objective."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(self, n) for n in names}}
+
+    @staticmethod
+    def from_config(config: dict[str, Any]) -> Objective:
+        """Rebuild an objective from :meth:`config` output (or the same YAML form).
+
+        Raises:
+            ValueError: the class path does not name an :class:`Objective`.
+        """
+        import importlib
+
+        module_name, _, name = config["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name, None)
+        if not (isinstance(cls, type) and issubclass(cls, Objective)):
+            raise ValueError(f"{config['class_path']!r} is not an Objective class")
+        return cls(**config.get("init_args", {}))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{name}={value!r}" for name, value in self.config()["init_args"].items())
         return f"{type(self).__name__}({args})"
 
 

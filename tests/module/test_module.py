@@ -1,0 +1,181 @@
+"""CPPOModule in other people's projects, resume, avg@k, and what bad input gets."""
+
+import logging
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from helpers import varied_reward
+from torch.utils.data import DataLoader
+
+from cppo_lightning import CPPOModule
+from cppo_lightning.batch import EncodedPrompt, PromptBatch
+from cppo_lightning.models import PolicyConfig, chat_prompt, load_processor
+from cppo_lightning.module import EvaluationConfig, UpdateConfig
+from cppo_lightning.objectives import CPPO, GRPO
+from cppo_lightning.rollout import RolloutConfig
+from datamodules import SyntheticTaskConfig, SyntheticVQADataModule
+
+
+class HandWrittenDataModule(pl.LightningDataModule):
+    """Not one of ours: builds the documented batch by hand (crude perturbations, no albumentations)."""
+
+    def __init__(self, model_path, size=8, batch_size=2):
+        super().__init__()
+        self.processor = load_processor(model_path)
+        self.batch_size = batch_size
+        rng = np.random.default_rng(0)
+        self.examples = [self.encode(i, rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)) for i in range(size)]
+
+    def encode(self, index, image):
+        views = {"original": image, "preserving": np.clip(image.astype(int) + 20, 0, 255).astype(np.uint8),
+                 "removing": np.zeros_like(image)}
+        text = chat_prompt(self.processor, f"How many shapes are there? ({index})")
+        encoded = {view: dict(self.processor(images=[im], text=[text], return_tensors="pt")) for view, im in views.items()}
+        text_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
+        return EncodedPrompt(
+            id=f"hand-{index}",
+            text_inputs={k: encoded["original"][k][0] for k in text_keys},
+            vision={view: {k: v for k, v in out.items() if k not in text_keys} for view, out in encoded.items()},
+            answer=str(index % 3),
+            question="How many shapes are there?",
+        )
+
+    def train_dataloader(self):
+        pad = self.processor.tokenizer.pad_token_id
+        return DataLoader(self.examples, batch_size=self.batch_size, collate_fn=lambda e: PromptBatch.from_examples(e, pad))
+
+
+def small_module(model_path, objective=None, **kwargs):
+    kwargs.setdefault("rollout", RolloutConfig(samples_per_prompt=4, max_new_tokens=8))
+    kwargs.setdefault("update", UpdateConfig(micro_batch_size=8))
+    kwargs.setdefault("reward_functions", {varied_reward: 1.0})
+    return CPPOModule(policy=PolicyConfig(str(model_path)), objective=objective or CPPO(), seed=3, **kwargs)
+
+
+def trainer(steps, **kwargs):
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(max_steps=steps, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def adapter_state(module):
+    return {n: p.detach().clone() for n, p in module.policy.model.named_parameters() if p.requires_grad}
+
+
+def test_plugs_into_a_plain_trainer_with_a_foreign_datamodule(tiny_qwen):
+    module = small_module(tiny_qwen, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    datamodule = HandWrittenDataModule(tiny_qwen)
+    module.configure_model()
+    before = adapter_state(module)
+    trainer(3).fit(module, datamodule=datamodule)
+    after = adapter_state(module)
+    assert module.trainer.global_step == 3
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    rollout = module.last_rollout
+    assert rollout.perception_mask is not None
+    assert not (rollout.perception_mask & ~rollout.completion_mask).any()
+    # Gated rows (A <= 0) never select perception tokens.
+    assert not rollout.perception_mask[rollout.advantages <= 0].any()
+
+
+def test_resumed_run_ends_with_the_same_parameters(tiny_qwen, tmp_path):
+    def datamodule():
+        return SyntheticVQADataModule(
+            task=SyntheticTaskConfig(image_size=112), train_size=8, val_size=0, test_size=0, batch_size=2,
+            processor_name_or_path=str(tiny_qwen), seed=5,
+        )
+
+    def module():
+        return small_module(tiny_qwen, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+
+    # 4 batches per epoch: stop mid-epoch at step 3, continue into the second epoch up to step 6.
+    straight = module()
+    trainer(6).fit(straight, datamodule=datamodule())
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
+    first = module()
+    trainer(3, enable_checkpointing=True, callbacks=[checkpoint]).fit(first, datamodule=datamodule())
+    resumed = module()
+    trainer(6).fit(resumed, datamodule=datamodule(), ckpt_path=tmp_path / "last.ckpt")
+    expected, actual = adapter_state(straight), adapter_state(resumed)
+    assert resumed.trainer.global_step == 6
+    assert any(not torch.equal(adapter_state(first)[n], actual[n]) for n in actual)  # it did train after resuming
+    assert all(torch.equal(expected[n], actual[n]) for n in expected)
+    assert straight.last_rollout.completions == resumed.last_rollout.completions
+
+
+def always(value):
+    def grade(prompts, completions, answers, **columns):
+        return [value] * len(completions)
+
+    return grade
+
+
+def alternating(prompts, completions, answers, **columns):
+    """Correct on every other sample: avg@k is exactly 0.5 when k is even."""
+    return [float(i % 2 == 0) for i in range(len(completions))]
+
+
+@pytest.mark.parametrize("grader, expected", [("always_right", 1.0), ("never_right", 0.0), ("alternating", 0.5)])
+def test_validate_reports_avg_at_k(tiny_qwen, grader, expected):
+    module = small_module(tiny_qwen, evaluation=EvaluationConfig(samples_per_question=4, max_new_tokens=4, reward=f"test_module.{grader}"))
+    datamodule = SyntheticVQADataModule(task=SyntheticTaskConfig(image_size=112), train_size=4, val_size=6,
+                                        test_size=0, batch_size=2, eval_batch_size=4, processor_name_or_path=str(tiny_qwen))
+    (metrics,) = trainer(1).validate(module, datamodule=datamodule)
+    assert metrics["val/avg@4"] == pytest.approx(expected)
+
+
+always_right = always(1.0)
+never_right = always(0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rollout=RolloutConfig(samples_per_prompt=1)), "G >= 2"),
+        (dict(update=UpdateConfig(micro_batch_size=3)), r"micro_batch_size \(3 rollouts\) does not divide a mini-batch of 2 prompts x G=4 = 8"),
+        (dict(update=UpdateConfig(mini_batch_size=3, micro_batch_size=4)), r"mini_batch_size \(3 prompts\) does not divide the batch \(2 prompts\)"),
+    ],
+)
+def test_sizes_that_do_not_divide_fail_at_start_up(tiny_qwen, kwargs, message):
+    datamodule = SyntheticVQADataModule(task=SyntheticTaskConfig(image_size=112), train_size=4, val_size=0, test_size=0,
+                                        batch_size=2, processor_name_or_path=str(tiny_qwen))
+    with pytest.raises(ValueError, match=message):
+        module = small_module(tiny_qwen, **kwargs)
+        trainer(1).fit(module, datamodule=datamodule)
+
+
+def broken_reward(prompts, completions, answers, **columns):
+    raise KeyError("solution")
+
+
+def test_a_reward_function_that_raises_is_named(tiny_qwen):
+    module = small_module(tiny_qwen, reward_functions={broken_reward: 1.0})
+    with pytest.raises(RuntimeError, match="reward function 'broken' raised KeyError"):
+        trainer(1).fit(module, datamodule=HandWrittenDataModule(tiny_qwen, size=2))
+
+
+class NonFiniteOnce(GRPO):
+    """GRPO whose loss is NaN on its first call (as after an overflow)."""
+
+    calls = 0
+
+    def __call__(self, inputs):
+        loss, metrics = super().__call__(inputs)
+        type(self).calls += 1
+        return (loss * float("nan"), metrics) if type(self).calls == 1 else (loss, metrics)
+
+
+def test_a_non_finite_loss_skips_the_step_and_training_continues(tiny_qwen, caplog):
+    NonFiniteOnce.calls = 0
+    module = small_module(tiny_qwen, objective=NonFiniteOnce(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module.configure_model()
+    before = adapter_state(module)
+    with caplog.at_level(logging.WARNING, logger="cppo_lightning.module"):
+        trainer(3).fit(module, datamodule=HandWrittenDataModule(tiny_qwen, size=6))
+    assert module.skipped_steps == 1
+    assert "skipping an optimizer step (loss is not finite)" in caplog.text
+    after = adapter_state(module)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the later steps trained

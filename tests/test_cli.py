@@ -1,0 +1,167 @@
+"""The command line: every shipped config validates, in-process fit/validate/test, the real `cppo` command."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, VARIED_REWARD, demo_args
+
+from cli import lightning_cli, main
+from cppo_lightning.module import CPPOModule
+from cppo_lightning.objectives import CPPO, GRPO, PAPO
+from datamodules import SyntheticVQADataModule, VisualQADataModule
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def read_metrics(save_dir):
+    (path,) = list(save_dir.rglob("metrics.csv"))
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def last_value(rows, key):
+    values = [float(row[key]) for row in rows if row.get(key) not in (None, "")]
+    return values[-1] if values else None
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_shipped_config_validates(config):
+    # GPU configs are parsed and instantiated on the CPU (nothing is loaded until fit).
+    cli = lightning_cli(
+        ["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+         "--trainer.precision", "32-true", "--trainer.strategy", "auto", "--trainer.logger", "false"],
+        run=False,
+    )
+    assert isinstance(cli.model, CPPOModule) and isinstance(cli.datamodule, VisualQADataModule)
+    objective = type(cli.model.objective)
+    assert objective in (CPPO, GRPO, PAPO)
+    assert objective.__name__.lower() in config.stem
+    # The data's processor follows the policy.
+    assert cli.datamodule.processor_name_or_path == cli.model.policy_config.model_name_or_path
+    assert cli.model.rollout_config.samples_per_prompt == 5 and cli.model.rollout_config.temperature == 1.0
+    if "qlora" in config.stem:
+        assert cli.model.policy_config.finetuning == "qlora"
+
+
+def test_unknown_config_key_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        lightning_cli(["fit", "--config", str(CONFIGS[0]), "--model.rollout.samples_per_promt", "4"], run=False)
+    assert "samples_per_promt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("objective", ["grpo", "cppo", "papo"])
+def test_fit_each_objective_in_process(objective, tiny_qwen, tmp_path):
+    cli = lightning_cli(demo_args(objective, tiny_qwen, tmp_path, 2))
+    module = cli.model
+    assert cli.trainer.global_step == 2
+    rows = read_metrics(tmp_path)
+    assert last_value(rows, "train/reward_mean") is not None
+    assert last_value(rows, "val/avg@2") is not None
+    if objective == "cppo":
+        assert last_value(rows, "train/cpl") is not None and module.last_rollout.perception_mask is not None
+        assert set(module.last_rollout.batch.views) == {"original", "preserving", "removing"}
+    if objective == "papo":
+        assert last_value(rows, "train/implicit_perception_loss") is not None
+        assert set(module.last_rollout.batch.views) == {"original", "masked"}
+    if objective == "grpo":
+        assert module.last_rollout.batch.views == ("original",)
+    # The resolved config, the checkpoint and the PEFT adapter with its processor are in the run folder.
+    run = next(tmp_path.rglob("config.yaml")).parent
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "checkpoints" / "adapter" / "adapter_config.json").exists()
+    assert (run / "checkpoints" / "adapter" / "tokenizer.json").exists()
+
+
+def test_cppo_on_the_second_architecture(tiny_llava, tmp_path):
+    cli = lightning_cli(demo_args("cppo", tiny_llava, tmp_path, 2))
+    assert cli.trainer.global_step == 2
+    assert type(cli.model.policy.unwrapped()).__name__ == "LlavaForConditionalGeneration"
+    assert last_value(read_metrics(tmp_path), "train/cpl") is not None
+
+
+def test_qlora_fit_for_a_couple_of_steps(tiny_qwen, tmp_path):
+    cli = lightning_cli(demo_args("cppo", tiny_qwen, tmp_path, 2, "--model.policy.finetuning", "qlora",
+                                  "--model.policy.bnb_4bit_compute_dtype", "float32"))
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in cli.model.policy.model.modules())
+    assert cli.trainer.global_step == 2
+    assert all(torch.isfinite(p).all() for p in cli.model.policy.trainable_parameters())
+
+
+def test_full_finetuning_uses_a_frozen_reference(tiny_qwen, tmp_path):
+    cli = lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 2, "--model.policy.finetuning", "full",
+                                  "--model.optimizer.init_args.lr", "1e-3", *VARIED_REWARD))
+    policy = cli.model.policy
+    assert policy.reference_mode == "frozen_copy" and cli.model.reference_forwards > 0
+    trained = dict(policy.model.named_parameters())
+    frozen = dict(policy.reference_model.named_parameters())
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained[name], frozen[name])
+    assert not any(p.requires_grad for p in frozen.values())
+    # The Lightning checkpoint holds the trained weights, not the frozen copy.
+    checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)
+    assert f"policy.model.{name}" in checkpoint["state_dict"]
+    assert not any(key.startswith("policy.reference_model.") for key in checkpoint["state_dict"])
+
+
+def test_zero_kl_weight_never_runs_the_reference(tiny_qwen, tmp_path):
+    cli = lightning_cli(demo_args("cppo", tiny_qwen, tmp_path, 2, "--model.objective.init_args.beta", "0"))
+    assert cli.model.policy.reference_mode is None
+    assert cli.model.reference_forwards == 0
+    assert last_value(read_metrics(tmp_path), "train/kl") is None
+
+
+def test_validate_and_test_report_avg_at_k(tiny_qwen, tmp_path):
+    cli = lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 2))
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    args = demo_args("grpo", tiny_qwen, tmp_path / "eval", 2)
+    args[0] = "validate"
+    validate = lightning_cli(args + ["--ckpt_path", str(checkpoint)])
+    assert "val/avg@2" in validate.trainer.callback_metrics
+    args[0] = "test"
+    tested = lightning_cli(args + ["--ckpt_path", str(checkpoint)])
+    assert 0.0 <= float(tested.trainer.callback_metrics["test/avg@2"]) <= 1.0
+    # The adapter restored from the checkpoint is the trained one.
+    trained = {n: p for n, p in cli.model.policy.model.named_parameters() if p.requires_grad}
+    restored = dict(tested.model.policy.model.named_parameters())
+    assert all(torch.equal(value, restored[name]) for name, value in trained.items())
+
+
+def test_export_merges_the_adapter_into_a_plain_transformers_model(tiny_qwen, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from helpers import encode
+    from cppo_lightning.models.scoring import completion_logits
+
+    cli = lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 2, "--model.optimizer.init_args.lr", "5e-2", *VARIED_REWARD))
+    adapter = next(tmp_path.rglob("adapter_config.json")).parent
+    assert main(["export", str(adapter), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    policy = cli.model.policy
+    inputs = encode(policy.processor, ["How many red shapes?"])
+    completion = torch.randint(20, 200, (1, 5))
+    mask = torch.ones_like(completion, dtype=torch.bool)
+    policy.model.eval()
+    with torch.no_grad():
+        expected = completion_logits(policy.model, inputs, completion, mask)
+        with policy.reference() as base:
+            base_logits = completion_logits(base, inputs, completion, mask)
+        assert torch.allclose(completion_logits(merged, inputs, completion, mask), expected, atol=1e-4)
+    assert not torch.allclose(base_logits, expected, atol=1e-4)  # the adapter mattered
+
+
+def test_the_real_cppo_command(tiny_qwen, tmp_path):
+    """`cppo fit --config configs/demo/cppo.yaml` as a user types it (the console script)."""
+    executable = os.path.join(os.path.dirname(sys.executable), "cppo")
+    result = subprocess.run(
+        [executable, *demo_args("cppo", tiny_qwen, tmp_path, 2)], capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert last_value(read_metrics(tmp_path), "train/cpl") is not None
+    assert next(tmp_path.rglob("config.yaml")).read_text().count("class_path: cppo_lightning.objectives.CPPO") == 1
