@@ -1,7 +1,10 @@
-"""The ``cppo`` command: LightningCLI ``fit`` / ``validate`` / ``test``, plus ``plot``, ``export``, ``tiny``.
+"""The ``cppo`` command: LightningCLI ``fit`` / ``validate`` / ``test``, and the project's own commands.
 
     cppo fit --config configs/demo/cppo.yaml
     cppo validate --config configs/demo/cppo.yaml --ckpt_path runs/demo/.../last.ckpt
+    cppo demo                                   # the CPU demo: warm start, CPPO, held-out accuracy
+    cppo study                                  # GRPO vs CPPO vs PAPO, several seeds, one table
+    cppo warmstart --config configs/demo/warmstart.yaml --output runs/demo/warmstart
     cppo plot runs/grpo runs/cppo --output compare.png
     cppo export runs/demo/.../checkpoints/adapter merged-model/
     cppo tiny qwen2_5_vl demo models/tiny-demo
@@ -13,8 +16,14 @@ config is saved in the run folder, so every run can be reproduced from its own f
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import shlex
+import statistics
 import sys
+import time
+from pathlib import Path
 
 # Before transformers/albumentations are imported.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -23,6 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from cppo_lightning.module import CPPOModule  # noqa: E402
+from cppo_lightning.warmstart import WarmStartModule  # noqa: E402
 from datamodules.vqa import VisualQADataModule  # noqa: E402
 
 
@@ -44,6 +54,153 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> CPPOLightn
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+def warmstart_cli(args: list[str] | None = None, run: bool = True) -> CPPOLightningCLI:
+    """LightningCLI over the supervised :class:`WarmStartModule` (same data, same processor link)."""
+    return CPPOLightningCLI(
+        WarmStartModule,
+        VisualQADataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def _warmstart(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cppo warmstart", description="Supervised warm start; writes a checkpoint folder.")
+    parser.add_argument("--output", required=True, help="folder for the fine-tuned model (reused when up to date)")
+    options, rest = parser.parse_known_args(argv)
+    print(warm_start(rest, options.output))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+def warm_start(args: list[str], output: str | Path) -> Path:
+    """Run the supervised warm start (``warmstart_cli`` arguments) and save the model to ``output``.
+
+    Skipped when ``output`` already holds a warm start made from the same arguments and config text.
+    """
+    output = Path(output)
+    stamp = hashlib.sha256(json.dumps([_config_texts(args), args]).encode()).hexdigest()
+    marker = output / "warmstart.json"
+    if marker.exists() and json.loads(marker.read_text()).get("stamp") == stamp:
+        print(f"warm start: reusing {output} (made from the same config)")
+        return output
+    started = time.perf_counter()
+    cli = warmstart_cli(["fit", *args])
+    if cli.trainer.is_global_zero:
+        cli.model.save_pretrained(output)
+        marker.write_text(json.dumps({"stamp": stamp, "args": args, "seconds": time.perf_counter() - started}))
+    return output
+
+
+def _config_texts(args: list[str]) -> list[str]:
+    """Contents of the config files named in ``args`` (a changed file invalidates a cached result)."""
+    return [Path(args[i + 1]).read_text() for i, arg in enumerate(args[:-1]) if arg == "--config"]
+
+
+def _held_out_accuracy(args: list[str], model_path: str | Path) -> float:
+    """avg@k on the test split of a config, for the checkpoint at ``model_path`` (no adapter)."""
+    cli = lightning_cli(["test", *args, "--model.policy.model_name_or_path", str(model_path),
+                         "--trainer.logger", "false", "--trainer.callbacks", "[]"])
+    return _avg_at_k(cli.trainer.callback_metrics, "test")
+
+
+def _avg_at_k(metrics, stage: str) -> float:
+    (key,) = [key for key in metrics if key.startswith(f"{stage}/avg@")]
+    return float(metrics[key])
+
+
+def _fit_and_test(args: list[str], model_path: str | Path) -> tuple[float, Path]:
+    """Fit a config from ``model_path``, then avg@k of the trained policy on the test split."""
+    cli = lightning_cli(["fit", *args, "--model.policy.model_name_or_path", str(model_path)])
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    return _avg_at_k(cli.trainer.callback_metrics, "test"), Path(cli.trainer.log_dir)
+
+
+def _demo(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cppo demo",
+        description="The CPU demo: warm-start a tiny VLM on the synthetic task, train it with CPPO, "
+        "report held-out avg@k before and after.",
+    )
+    parser.add_argument("--config", default="configs/demo/cppo.yaml", help="RL config")
+    parser.add_argument("--warmstart-config", default="configs/demo/warmstart.yaml")
+    parser.add_argument("--output", default="runs/demo", help="where runs, the warm start and the summary go")
+    parser.add_argument("--warmstart-args", default="", help="extra warm-start arguments, e.g. '--trainer.max_steps 20'")
+    parser.add_argument("--fit-args", default="", help="extra RL arguments, e.g. '--trainer.max_steps 5'")
+    options = parser.parse_args(argv)
+    output = Path(options.output)
+    started = time.perf_counter()
+    warm_args = ["--config", options.warmstart_config, "--trainer.logger.init_args.save_dir", str(output),
+                 *shlex.split(options.warmstart_args)]
+    warm = warm_start(warm_args, output / "warmstart")
+    rl_args = ["--config", options.config, "--trainer.logger.init_args.save_dir", str(output),
+               *shlex.split(options.fit_args)]
+    before = _held_out_accuracy(rl_args, warm)
+    after, run = _fit_and_test(rl_args, warm)
+    from callbacks.plots import plot_runs
+
+    curves = plot_runs([run], run / "curves.png", metrics=("train/reward_mean", "train/accuracy", "train/cpl"))
+    summary = {"warm_start_avg_at_k": before, "trained_avg_at_k": after, "run": str(run), "curves": str(curves),
+               "seconds": round(time.perf_counter() - started, 1)}
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"held-out avg@k: warm start {before:.3f} -> after RL {after:.3f}  ({summary['seconds']:.0f} s)")
+    print(f"run folder: {run}  (config.yaml, metrics.csv, checkpoints/, checkpoints/adapter, curves.png, perception/)")
+    return 0
+
+
+def _study(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cppo study",
+        description="GRPO vs CPPO vs PAPO from the same warm start: equal steps and rollouts, several seeds, "
+        "held-out avg@k as a table (mean, std) and an overlaid plot.",
+    )
+    parser.add_argument("--objectives", default="grpo,cppo,papo")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--warmstart-config", default="configs/demo/warmstart.yaml")
+    parser.add_argument("--output", default="runs/study")
+    parser.add_argument("--warmstart-args", default="")
+    parser.add_argument("--fit-args", default="")
+    options = parser.parse_args(argv)
+    output = Path(options.output)
+    warm = warm_start(["--config", options.warmstart_config, "--trainer.logger.init_args.save_dir", str(output),
+                       *shlex.split(options.warmstart_args)], output / "warmstart")
+    results: dict[str, list[float]] = {}
+    runs: dict[str, list[Path]] = {}
+    for objective in options.objectives.split(","):
+        for seed in options.seeds.split(","):
+            args = ["--config", f"configs/demo/{objective}.yaml", "--trainer.logger.init_args.save_dir", str(output),
+                    "--trainer.logger.init_args.name", f"{objective}-seed{seed}", "--seed_everything", seed,
+                    "--model.seed", seed, "--data.init_args.seed", seed, *shlex.split(options.fit_args)]
+            accuracy, run = _fit_and_test(args, warm)
+            results.setdefault(objective, []).append(accuracy)
+            runs.setdefault(objective.upper(), []).append(run)
+            print(f"{objective} seed {seed}: held-out avg@k {accuracy:.3f}")
+    baseline = _held_out_accuracy(["--config", f"configs/demo/{options.objectives.split(',')[0]}.yaml",
+                                   *shlex.split(options.fit_args)], warm)
+    from callbacks.plots import plot_groups, read_metrics
+
+    first = next(iter(runs.values()))[0]
+    validation = [key for key in read_metrics(first) if key.startswith("val/avg@")]
+    plot = plot_groups(runs, output / "study.png", metrics=("train/accuracy", *validation), smooth=10)
+    lines = ["| method | held-out avg@k (mean ± std) | per seed |", "|---|---|---|",
+             f"| warm start | {baseline:.3f} | - |"]
+    for objective, values in results.items():
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| {objective.upper()} | {statistics.mean(values):.3f} ± {spread:.3f} | "
+                     + ", ".join(f"{v:.3f}" for v in values) + " |")
+    table = "\n".join(lines)
+    (output / "study.md").write_text(table + "\n")
+    (output / "study.json").write_text(json.dumps({"warm_start": baseline, "results": results}, indent=2))
+    print(table)
+    print(f"plot: {plot}")
+    return 0
 
 
 def _export(argv: list[str]) -> int:
@@ -77,7 +234,14 @@ def _plot(argv: list[str]) -> int:
     return plot_main(argv)
 
 
-_COMMANDS = {"plot": _plot, "export": _export, "tiny": _tiny}
+_COMMANDS = {
+    "demo": _demo,
+    "study": _study,
+    "warmstart": _warmstart,
+    "plot": _plot,
+    "export": _export,
+    "tiny": _tiny,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,14 @@
 - :class:`PerceptionTokenVisualizer`: views, entropy shifts and CPPO's perception tokens (HTML + PNG).
 - :class:`RolloutSamplesLogger`: rollout samples as JSON lines.
 - :class:`ThroughputMonitor`: whole-job throughput, rollout/update time split, peak memory.
+- :class:`AdapterExport`: the LoRA adapter in PEFT format (with the processor) beside every checkpoint.
 - :func:`plot_runs`: overlay the curves of several runs (``cppo plot``).
 """
 
+from callbacks.export import AdapterExport
 from callbacks.perception import PerceptionTokenVisualizer
-from callbacks.plots import plot_runs
+from callbacks.plots import plot_groups, plot_runs
 from callbacks.rollout_log import RolloutSamplesLogger
 from callbacks.throughput import ThroughputMonitor
 
-__all__ = ["PerceptionTokenVisualizer", "RolloutSamplesLogger", "ThroughputMonitor", "plot_runs"]
+__all__ = ["AdapterExport", "PerceptionTokenVisualizer", "RolloutSamplesLogger", "ThroughputMonitor", "plot_groups", "plot_runs"]

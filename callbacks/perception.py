@@ -46,8 +46,15 @@ from cppo_lightning.rewards import extract_boxed
 log = logging.getLogger(__name__)
 
 #: Views in display order, with the paper's names.
-VIEW_LABELS = {ORIGINAL: "I (original)", PRESERVING: "I+ (preserving)", REMOVING: "I- (removing)", MASKED: "I mask (PAPO)"}
-_COLORMAP = "RdBu_r"  # red: dH > 0 (less certain without the visual information); kept light for readable text
+VIEW_LABELS = {
+    ORIGINAL: "I (original)",
+    PRESERVING: "I+ (preserving)",
+    REMOVING: "I- (removing)",
+    MASKED: "I mask (PAPO)",
+}
+#: Red: dH > 0, the token became less certain without the visual information. Kept light (see
+#: ``_dh_colour``) so that the text stays readable.
+_COLORMAP = "RdBu_r"
 #: Tokens drawn per rollout in the PNG (the HTML page has all of them).
 PNG_MAX_TOKENS = 400
 
@@ -84,7 +91,8 @@ def token_rows(rollout, rows: list[int], tokenizer) -> list[dict]:
         return None if tensor is None else tensor.detach()[index.to(tensor.device)].cpu()
 
     ids, mask = take(rollout.completion_ids), take(rollout.completion_mask).bool()
-    entropy, removed, perception = take(rollout.entropy), take(rollout.entropy_removed), take(rollout.perception_mask)
+    entropy, removed = take(rollout.entropy), take(rollout.entropy_removed)
+    perception = take(rollout.perception_mask)
     batch = rollout.batch
     result = []
     for position, row in enumerate(rows):
@@ -115,7 +123,9 @@ def token_rows(rollout, rows: list[int], tokenizer) -> list[dict]:
                 "entropy": h,
                 "entropy_removed": h_removed,
                 "dh": h_removed - h,
-                "perception": perception[position][keep].numpy() if perception is not None else np.zeros(count, bool),
+                "perception": (
+                    perception[position][keep].numpy() if perception is not None else np.zeros(count, bool)
+                ),
             }
         )
     return result
@@ -202,7 +212,7 @@ def perception_html(rows: list[dict], title: str) -> str:
         ):
             classes = "tok perception" if selected else "tok"
             colour = _dh_colour(float(dh), scale)
-            tip = f"H(I) {h:.3f}, H(I-) {h_removed:.3f}, dH {dh:+.3f}" if colour else (
+            tip = f"H(I) {h:.3f}, H(I-) {h_removed:.3f}, dH {dh:+.3g}" if colour else (
                 f"H(I) {h:.3f}, no I- entropy" if math.isfinite(h) else "no entropy"
             )
             attributes = f'class="{classes}" title="{e(tip)}"'
@@ -254,7 +264,8 @@ def perception_figure(rows: list[dict], title: str, width: float = 12.0) -> Figu
         text.set_ylim(lines + 3, 0)
         extracted = info["extracted"]
         header = (
-            f"rollout {info['row']}  example {info['id']}  reward {info['reward']:.3g}  advantage {info['advantage']:.3g}  "
+            f"rollout {info['row']}  example {info['id']}  reward {info['reward']:.3g}  "
+            f"advantage {info['advantage']:.3g}  "
             f"answer {extracted if extracted is not None else '-'} (reference {info['answer']})  "
             f"perception tokens {int(info['perception'].sum())}/{len(info['tokens'])}"
         )
@@ -265,7 +276,8 @@ def perception_figure(rows: list[dict], title: str, width: float = 12.0) -> Figu
         shading, colours, outlines = [], [], []
         for line, column, piece, dh, selected in placed:
             grid_lines[line][column : column + len(piece)] = list(piece)
-            box = [(column, line + 2), (column + len(piece), line + 2), (column + len(piece), line + 3), (column, line + 3)]
+            end = column + len(piece)
+            box = [(column, line + 2), (end, line + 2), (end, line + 3), (column, line + 3)]
             colour = _dh_colour(dh, scale)
             if colour:
                 shading.append(box)
@@ -273,7 +285,9 @@ def perception_figure(rows: list[dict], title: str, width: float = 12.0) -> Figu
             if selected:
                 outlines.append(box)
         text.add_collection(PolyCollection(shading, facecolors=colours, edgecolors="none", zorder=1))
-        text.add_collection(PolyCollection(outlines, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3))
+        text.add_collection(
+            PolyCollection(outlines, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
+        )
         for line, characters in enumerate(grid_lines):
             text.text(0, line + 2.2, "".join(characters).rstrip(), zorder=2, **style)
     return figure
@@ -284,7 +298,8 @@ def _monospace_advance(size: float, dpi: int) -> float:
     hinted to whole pixels, so the nominal 0.6 em drifts over a long line)."""
     renderer = RendererAgg(10, 10, dpi)
     sample = "0" * 100
-    width, _, _ = renderer.get_text_width_height_descent(sample, FontProperties(family="monospace", size=size), ismath=False)
+    font = FontProperties(family="monospace", size=size)
+    width, _, _ = renderer.get_text_width_height_descent(sample, font, ismath=False)
     return width / len(sample) * 72 / dpi
 
 
@@ -311,7 +326,8 @@ def _image_strip(images: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, f
 
 
 def _wrap_tokens(info: dict, chars: int) -> tuple[list[tuple[int, int, str, float, bool]], int]:
-    """``(line, column, text, dH, perception)`` pieces of a monospace layout ``chars`` wide, and the line count.
+    """``(line, column, text, dH, perception)`` pieces of a monospace layout ``chars`` wide, and the
+    number of lines.
 
     A newline inside a token shows as ``↵`` before the break; an empty piece that CPPO selected shows as a
     marked blank.
@@ -354,7 +370,9 @@ def figure_png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def render_perception(rollout, rows: list[int], tokenizer, stem: Path, title: str) -> tuple[Path, Path, bytes]:
+def render_perception(
+    rollout, rows: list[int], tokenizer, stem: Path, title: str
+) -> tuple[Path, Path, bytes]:
     """Write ``<stem>.html`` and ``<stem>.png`` for the given rollouts.
 
     Returns:
@@ -391,7 +409,9 @@ class PerceptionTokenVisualizer(pl.Callback):
         output_dir: str | Path | None = None,
     ) -> None:
         if every_n_steps < 1 or num_rollouts < 1:
-            raise ValueError(f"every_n_steps ({every_n_steps}) and num_rollouts ({num_rollouts}) must be >= 1")
+            raise ValueError(
+                f"every_n_steps ({every_n_steps}) and num_rollouts ({num_rollouts}) must be >= 1"
+            )
         self.every_n_steps = every_n_steps
         self.num_rollouts = num_rollouts
         self.on_validation = on_validation
@@ -403,26 +423,33 @@ class PerceptionTokenVisualizer(pl.Callback):
         self.folder = resolve_log_dir(trainer, self.output_dir) / "perception"
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = logger_step(trainer)
         if (step + 1) % self.every_n_steps or not trainer.is_global_zero:
             return
-        self._draw(trainer, pl_module, getattr(pl_module, "last_rollout", None), f"step_{step:06d}", "train", step)
+        rollout = getattr(pl_module, "last_rollout", None)
+        self._draw(trainer, pl_module, rollout, f"step_{step:06d}", "train", step)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.on_validation or trainer.sanity_checking or not trainer.is_global_zero:
             return
         step = logger_step(trainer)
-        self._draw(trainer, pl_module, getattr(pl_module, "last_eval_rollout", None), f"val_step_{step:06d}", "val", step)
+        rollout = getattr(pl_module, "last_eval_rollout", None)
+        self._draw(trainer, pl_module, rollout, f"val_step_{step:06d}", "val", step)
 
-    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollout, name: str, tag: str, step: int) -> None:
+    def _draw(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollout, name: str, tag: str, step: int
+    ) -> None:
         if rollout is None or self.folder is None:
             return
         started = time.perf_counter()
         tokenizer = pl_module.policy.processor.tokenizer
         rows = select_rows(rollout, self.num_rollouts)
-        title = f"{tag} step {step}: {type(getattr(pl_module, 'objective', None)).__name__}"
+        objective = getattr(pl_module, "objective", None)
+        title = f"{tag} step {step}: {type(objective if objective is not None else pl_module).__name__}"
         _, _, png = render_perception(rollout, rows, tokenizer, self.folder / name, title)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -71,9 +71,11 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
                     except ValueError:
                         continue
                     points.setdefault(name, {})[int(float(step))] = value
-    return {
-        name: (np.array(sorted(by_step)), np.array([by_step[s] for s in sorted(by_step)])) for name, by_step in points.items()
-    }
+    metrics = {}
+    for name, by_step in points.items():
+        steps = sorted(by_step)
+        metrics[name] = (np.array(steps), np.array([by_step[step] for step in steps]))
+    return metrics
 
 
 def smoothed(values: np.ndarray, window: int) -> np.ndarray:
@@ -151,7 +153,10 @@ def runs_figure(
 
 
 def plot_runs(
-    run_dirs: Sequence[str | Path], output: str | Path, metrics: Sequence[str] = DEFAULT_METRICS, smooth: int = 1
+    run_dirs: Sequence[str | Path],
+    output: str | Path,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    smooth: int = 1,
 ) -> Path:
     """Overlay the curves of several runs, one subplot per metric, and save the PNG to ``output``.
 
@@ -174,6 +179,53 @@ def plot_runs(
     return output
 
 
+def groups_figure(
+    groups: dict[str, Sequence[str | Path]],
+    metrics: Sequence[str] = ("train/accuracy", "train/reward_mean"),
+    smooth: int = 10,
+) -> Figure:
+    """Mean curve of each group of runs (e.g. one method over several seeds) with a +/- std band.
+
+    Runs of a group are aligned on their common steps; the moving average is at most ``smooth`` points
+    and at most a fifth of the points (a handful of validation points stays unsmoothed).
+
+    Raises:
+        FileNotFoundError: a run folder holds no ``metrics.csv``.
+    """
+    figure = Figure(figsize=(5.5 * len(metrics), 4), layout="constrained")
+    axes = figure.subplots(1, len(metrics), squeeze=False)[0]
+    loaded = {label: [read_metrics(run) for run in runs] for label, runs in groups.items()}
+    for axis, metric in zip(axes, metrics):
+        for label, runs in loaded.items():
+            curves = [run[metric] for run in runs if metric in run]
+            if not curves:
+                continue
+            common = sorted(set.intersection(*(set(steps.tolist()) for steps, _ in curves)))
+            window = min(smooth, max(1, len(common) // 5))
+            stacked = np.stack([smoothed(values[np.isin(steps, common)], window) for steps, values in curves])
+            mean, spread = stacked.mean(axis=0), stacked.std(axis=0)
+            axis.plot(common, mean, label=f"{label} (n={len(curves)})")
+            axis.fill_between(common, mean - spread, mean + spread, alpha=0.2)
+        axis.set_title(metric)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return figure
+
+
+def plot_groups(
+    groups: dict[str, Sequence[str | Path]],
+    output: str | Path,
+    metrics: Sequence[str] = ("train/accuracy", "train/reward_mean"),
+    smooth: int = 10,
+) -> Path:
+    """Save :func:`groups_figure` as a PNG at ``output`` (used by ``cppo study``)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    groups_figure(groups, metrics, smooth).savefig(output, dpi=110)
+    return output
+
+
 def main(argv: list[str] | None = None) -> int:
     """``cppo plot RUN_DIR [RUN_DIR ...] [--output out.png] [--metrics a,b,c] [--smooth N]``.
 
@@ -184,11 +236,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="cppo plot", description="Overlay the training curves (CSVLogger metrics.csv) of several runs."
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders to compare")
-    parser.add_argument("--output", type=Path, default=Path("runs.png"), help="PNG to write (default: runs.png)")
     parser.add_argument(
-        "--metrics", default=",".join(DEFAULT_METRICS), help=f"comma-separated metric names (default: {','.join(DEFAULT_METRICS)})"
+        "--output", type=Path, default=Path("runs.png"), help="the PNG to write (default: runs.png)"
     )
-    parser.add_argument("--smooth", type=int, default=1, help="moving-average window in points (default: 1, raw)")
+    parser.add_argument(
+        "--metrics",
+        default=",".join(DEFAULT_METRICS),
+        help=f"comma-separated metric names (default: {','.join(DEFAULT_METRICS)})",
+    )
+    parser.add_argument(
+        "--smooth", type=int, default=1, help="moving-average window in points (default: 1, no smoothing)"
+    )
     args = parser.parse_args(argv)
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
     if not metrics:

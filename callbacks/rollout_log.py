@@ -83,14 +83,17 @@ class RolloutSamplesLogger(pl.Callback):
         self.path = resolve_log_dir(trainer, self.output_dir) / "rollouts.jsonl"
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = logger_step(trainer)
         if self.full or (step + 1) % self.every_n_steps or not trainer.is_global_zero:
             return
         rollout = getattr(pl_module, "last_rollout", None)
         if rollout is None or self.path is None:
             return
-        lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in rollout_records(rollout, step, self.max_rows_per_step)]
+        records = rollout_records(rollout, step, self.max_rows_per_step)
+        lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         size = self.path.stat().st_size if self.path.exists() else 0
         with self.path.open("a", encoding="utf-8") as file:
@@ -99,7 +102,8 @@ class RolloutSamplesLogger(pl.Callback):
                 if size + encoded > self.max_bytes:
                     self.full = True
                     log.warning(
-                        "%s reached its size limit of %d bytes (max_bytes): no more rollout samples are written",
+                        "%s reached its size limit of %d bytes (max_bytes): no more rollout samples are "
+                        "written",
                         self.path,
                         self.max_bytes,
                     )

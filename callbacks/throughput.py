@@ -4,17 +4,20 @@ The module logs per-rank timings (``time/rollout_s``, ``time/update_s``) and rat
 (``throughput/generated_tokens_per_s``, ``throughput/update_rollouts_per_s``). This callback adds, each
 training step:
 
-=========================================  ==============================================================
-``throughput/generation_tokens_per_s``     generated tokens per second of sampling, summed over ranks
-``throughput/update_samples_per_s``        rollouts per second of update, summed over ranks
-``throughput/rollout_time_fraction``       ``rollout_s / (rollout_s + update_s)``, mean over ranks
-``throughput/step_s``                      wall time of the whole training step (hooks, logging, ...),
-                                           max over ranks
-``memory/peak_gb``                         peak memory in GiB, max over ranks: CUDA
-                                           ``max_memory_allocated`` on a GPU, else the process's peak RSS
-=========================================  ==============================================================
+==============================================  =========================================================
+``throughput/generated_tokens_per_s_all_ranks``  the module's per-rank rate summed over ranks: the job's
+                                                 sampling throughput
+``throughput/update_rollouts_per_s_all_ranks``   the same for the update (rollouts per second)
+``throughput/rollout_time_fraction``             ``rollout_s / (rollout_s + update_s)``, mean over ranks
+``throughput/step_s``                            wall time of the training step, from the batch's start
+                                                 to this callback's end hook (list it last to include
+                                                 the other callbacks), max over ranks
+``memory/peak_gb``                               peak memory since the process started, in GiB, max over
+                                                 ranks: CUDA ``max_memory_allocated`` on a GPU, else the
+                                                 process's peak resident set
+==============================================  =========================================================
 
-With one process the first two equal the module's own rates.
+With one process the ``_all_ranks`` rates equal the module's own.
 """
 
 from __future__ import annotations
@@ -50,16 +53,20 @@ class ThroughputMonitor(pl.Callback):
         self._started: float | None = None
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
+    ) -> None:
         self._started = time.perf_counter()
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         metrics = trainer.callback_metrics
         sums, means, maxima = {}, {}, {}
         for source, target in (
-            ("throughput/generated_tokens_per_s", "throughput/generation_tokens_per_s"),
-            ("throughput/update_rollouts_per_s", "throughput/update_samples_per_s"),
+            ("throughput/generated_tokens_per_s", "throughput/generated_tokens_per_s_all_ranks"),
+            ("throughput/update_rollouts_per_s", "throughput/update_rollouts_per_s_all_ranks"),
         ):
             if source in metrics:
                 sums[target] = float(metrics[source])
@@ -73,6 +80,11 @@ class ThroughputMonitor(pl.Callback):
         for values, reduce in ((sums, "sum"), (means, "mean"), (maxima, "max")):
             for name, value in values.items():
                 pl_module.log(
-                    name, torch.tensor(value, dtype=torch.float32, device=pl_module.device), on_step=True, on_epoch=False,
-                    sync_dist=True, reduce_fx=reduce, batch_size=batch_size,
+                    name,
+                    torch.tensor(value, dtype=torch.float32, device=pl_module.device),
+                    on_step=True,
+                    on_epoch=False,
+                    sync_dist=True,
+                    reduce_fx=reduce,
+                    batch_size=batch_size,
                 )

@@ -319,24 +319,16 @@ class CPPOModule(pl.LightningModule):
         mask = torch.cat([rollout.completion_mask[rows, :length] for _, rows in parts])
         return inputs, completion, mask
 
-    def _score_no_grad(
-        self, batch: PromptBatch, rollout: Rollout, view: str, reference: bool = False
-    ) -> Tensor:
-        """[N, C] log-probs of every rollout under one view, before the update, in micro-batches."""
+    def _score_no_grad(self, batch: PromptBatch, rollout: Rollout, view: str) -> Tensor:
+        """[N, C] log-probs of every rollout under one view with the current (pre-update) policy."""
         scores = []
         micro = self.update_config.micro_batch_size
-        temperature = self.rollout_config.temperature
         with torch.no_grad():
             for start in range(0, len(rollout), micro):
                 rows = torch.arange(start, min(start + micro, len(rollout)), device=self.device)
                 inputs, completion, mask = self._stacked_inputs(batch, rollout, [(view, rows)], rollout.completion_ids.shape[1])
-                if reference:
-                    self.reference_forwards += 1
-                    with self.policy.reference() as model:
-                        logits = completion_logits(model, inputs, completion, mask)
-                else:
-                    logits = completion_logits(self.policy.model, inputs, completion, mask)
-                scores.append(token_logprobs(logits, completion, temperature=temperature))
+                logits = completion_logits(self.policy.model, inputs, completion, mask)
+                scores.append(token_logprobs(logits, completion, temperature=self.rollout_config.temperature))
         return torch.cat(scores)
 
     # ------------------------------------------------------------------ training

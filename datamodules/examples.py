@@ -125,7 +125,9 @@ def open_image(value: Any, image_root: Path | None = None) -> Image.Image:
         image.load()
     except ExampleError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    # DecompressionBombError (PIL's pixel-count guard) derives from Exception only: without it here a
+    # giant image would crash set-up instead of being a counted skip.
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ExampleError("unreadable image", f"{type(error).__name__}: {error}") from None
     if image.width < 1 or image.height < 1:
         raise ExampleError("unreadable image", f"empty image {image.size}")
@@ -235,8 +237,13 @@ class PromptEncoder:
         Raises:
             ExampleError: the prompt is longer than ``max_prompt_tokens``.
         """
-        text_tokens = len(self.processor.tokenizer(self.prompt_text(question))["input_ids"])
-        length = text_tokens + self.image_tokens(image.size)
+        text_ids = self.processor.tokenizer(self.prompt_text(question))["input_ids"]
+        image_tokens = self.image_tokens(image.size)
+        length = len(text_ids) + image_tokens
+        if image_tokens:
+            # The processor replaces the template's image placeholder by the image tokens: not counted twice.
+            placeholder = getattr(self.processor, "image_token_id", None)
+            length -= sum(1 for token in text_ids if token == placeholder)
         if self.max_prompt_tokens is not None and length > self.max_prompt_tokens:
             raise ExampleError("prompt too long", f"{length} tokens > max_prompt_tokens={self.max_prompt_tokens}")
         return length

@@ -33,6 +33,8 @@ from albumentations.core.type_definitions import Targets
 from PIL import Image
 from pydantic import Field, field_validator
 
+from cppo_lightning.batch import MASKED, PRESERVING, REMOVING
+
 __all__ = [
     "MASKED",
     "PRESERVING",
@@ -54,12 +56,7 @@ __all__ = [
     "to_rgb_array",
 ]
 
-PRESERVING = "preserving"
-"""View name of the information-preserving view ``I+``."""
-REMOVING = "removing"
-"""View name of the information-removing view ``I-``."""
-MASKED = "masked"
-"""View name of PAPO's patch-masked view."""
+# The perturbed views, named once for the whole project (``I+``, ``I-`` and PAPO's masked view).
 VIEW_NAMES = (PRESERVING, REMOVING, MASKED)
 
 ViewName = Literal["preserving", "removing", "masked"]

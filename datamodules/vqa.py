@@ -143,8 +143,6 @@ def check_examples(
             if not question:
                 raise ExampleError("missing question", f"field {columns['question']!r} is empty")
             raw = open_image(example[columns["image"]], image_root)
-            if raw.mode != "RGB":
-                report.converted[raw.mode] += 1
             image = fit_pixels(to_rgb(raw), limits)
             encoder.check(question, image)
         except ExampleError as error:
@@ -154,6 +152,9 @@ def check_examples(
             log.warning("skipping %s", message)
             report.add(error.reason, example_id)
             continue
+        # Counted only for kept examples: the summary's conversions are among the examples trained on.
+        if raw.mode != "RGB":
+            report.converted[raw.mode] += 1
         kept.append(row)
     return kept
 

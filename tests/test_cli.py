@@ -9,9 +9,10 @@ import pytest
 import torch
 from helpers import ROOT, VARIED_REWARD, demo_args
 
-from cli import lightning_cli, main
+from cli import lightning_cli, main, warmstart_cli
 from cppo_lightning.module import CPPOModule
 from cppo_lightning.objectives import CPPO, GRPO, PAPO
+from cppo_lightning.warmstart import WarmStartModule
 from datamodules import SyntheticVQADataModule, VisualQADataModule
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -31,11 +32,15 @@ def last_value(rows, key):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_shipped_config_validates(config):
     # GPU configs are parsed and instantiated on the CPU (nothing is loaded until fit).
-    cli = lightning_cli(
-        ["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-         "--trainer.precision", "32-true", "--trainer.strategy", "auto", "--trainer.logger", "false"],
-        run=False,
-    )
+    args = ["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--trainer.precision", "32-true", "--trainer.strategy", "auto", "--trainer.logger", "false"]
+    if config.stem == "warmstart":
+        cli = warmstart_cli(args, run=False)
+        assert isinstance(cli.model, WarmStartModule) and cli.model.policy_config.finetuning == "full"
+        assert cli.datamodule.processor_name_or_path == cli.model.policy_config.model_name_or_path
+        assert cli.datamodule.views == ("original",)
+        return
+    cli = lightning_cli(args, run=False)
     assert isinstance(cli.model, CPPOModule) and isinstance(cli.datamodule, VisualQADataModule)
     objective = type(cli.model.objective)
     assert objective in (CPPO, GRPO, PAPO)
@@ -165,3 +170,25 @@ def test_the_real_cppo_command(tiny_qwen, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_value(read_metrics(tmp_path), "train/cpl") is not None
     assert next(tmp_path.rglob("config.yaml")).read_text().count("class_path: cppo_lightning.objectives.CPPO") == 1
+
+
+def test_checkpoint_hyperparameters_are_plain_data(tiny_qwen, tmp_path):
+    lightning_cli(demo_args("cppo", tiny_qwen, tmp_path, 1, "--model.objective.init_args.tau", "0.2"))
+    path = next(tmp_path.rglob("last.ckpt"))
+    checkpoint = torch.load(path, weights_only=True)  # no pickled classes: safe to load
+    assert checkpoint["hyper_parameters"]["objective"]["init_args"]["tau"] == 0.2
+    module = CPPOModule.load_from_checkpoint(path)
+    assert isinstance(module.objective, CPPO) and module.objective.tau == 0.2
+    assert module.policy_config.model_name_or_path == str(tiny_qwen)
+    assert module.reward_model.specification() == {
+        "cppo_lightning.rewards.accuracy_reward": 0.9, "cppo_lightning.rewards.format_reward": 0.1,
+    }
+
+
+def test_demo_configs_train_on_the_task_the_warm_start_learned():
+    import yaml
+
+    def task(name):
+        return yaml.safe_load((ROOT / "configs" / "demo" / f"{name}.yaml").read_text())["data"]["init_args"]["task"]
+
+    assert task("cppo") == task("grpo") == task("papo") == task("warmstart")

@@ -273,7 +273,9 @@ class Policy(nn.Module):
 
     def __init__(self, model: nn.Module, processor, config: PolicyConfig, reference_mode: str | None):
         super().__init__()
-        self.model = model
+        # from_pretrained returns eval mode; Lightning keeps modules in the mode it finds them, and
+        # gradient checkpointing only runs in train mode.
+        self.model = model.train()
         self.processor = processor
         self.config = config
         self.reference_mode = reference_mode

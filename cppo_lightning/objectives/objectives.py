@@ -327,8 +327,16 @@ class Objective:
 
     def config(self) -> dict[str, Any]:
         """``{"class_path": ..., "init_args": {...}}``: plain data that rebuilds this objective."""
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
         cls = type(self)
+        names: list[str] = []
+        # A subclass forwarding **kwargs to its parent: the parent's parameters count too.
+        for klass in cls.__mro__:
+            if "__init__" not in vars(klass) or not issubclass(klass, Objective):
+                continue
+            parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
+            names += [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in names]
+            if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+                break
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(self, n) for n in names}}
 
     @staticmethod

@@ -4,6 +4,7 @@ image, and a visualizer that is not due does nothing at all."""
 
 import io
 import time
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,12 +21,15 @@ from callbacks import PerceptionTokenVisualizer
 from cppo_lightning.batch import EncodedPrompt, PromptBatch
 from cppo_lightning.models import PolicyConfig, chat_prompt, load_processor
 from cppo_lightning.module import CPPOModule, EvaluationConfig, UpdateConfig
-from cppo_lightning.objectives import CPPO, GRPO
+from cppo_lightning.objectives import CPPO
 from cppo_lightning.rewards import extract_boxed
 from cppo_lightning.rollout import RolloutConfig
 
 # Each view is one solid colour, so the PNG test can find where each was drawn.
 VIEW_COLOURS = {"original": (255, 0, 0), "preserving": (0, 255, 0), "removing": (0, 0, 255)}
+# Markup in the question: the page must escape it.
+QUESTION = "How many shapes <b>&amp; {}?"
+TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 def solid(colour, size=56):
@@ -50,17 +54,22 @@ class TinyData(pl.LightningDataModule):
         self.pad = processor.tokenizer.pad_token_id
         self.examples = []
         for index in range(count):
-            text = chat_prompt(processor, f"How many shapes <b>&amp; {index}?")
+            text = chat_prompt(processor, QUESTION.format(index))  # the same tokens for every view
             images = {view: solid(colour) for view, colour in VIEW_COLOURS.items()}
-            encoded = {view: processor(images=[image], text=[text], return_tensors="pt") for view, image in images.items()}
-            text_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
+            encoded = {}
+            for view, image in images.items():
+                encoded[view] = processor(images=[image], text=[text], return_tensors="pt")
+            original = encoded["original"]
             self.examples.append(
                 EncodedPrompt(
                     id=f"ex{index}",
-                    text_inputs={key: encoded["original"][key][0] for key in text_keys if key in encoded["original"]},
-                    vision={view: {k: v for k, v in out.items() if k not in text_keys} for view, out in encoded.items()},
+                    text_inputs={key: original[key][0] for key in TEXT_KEYS if key in original},
+                    vision={
+                        view: {key: value for key, value in out.items() if key not in TEXT_KEYS}
+                        for view, out in encoded.items()
+                    },
                     answer=str(index % 3),
-                    question=f"How many shapes <b>&amp; {index}?",
+                    question=QUESTION.format(index),
                     images=images,
                 )
             )
@@ -86,23 +95,50 @@ def tiny_module(model_folder, objective):
     )
 
 
+@dataclass
+class Run:
+    trainer: pl.Trainer
+    module: CPPOModule
+    render_calls: list  # the stem of every render_perception call
+    idle_hook_seconds: list  # time spent in each on_train_batch_end of a visualizer that is never due
+    idle_dir: Path
+
+
 @pytest.fixture(scope="module")
 def cppo_run(tiny_qwen, tmp_path_factory):
-    """Three CPPO steps (G=4, 2 prompts per step) drawn at every step, then one validation."""
+    """Three CPPO steps (G=4, 2 prompts per step) drawn at every step, then one validation; beside it a
+    visualizer due every 1000 steps, and a spy on the renderer."""
     root = tmp_path_factory.mktemp("perception-run")
     module = tiny_module(tiny_qwen, CPPO())
-    trainer = pl.Trainer(
+    idle = PerceptionTokenVisualizer(every_n_steps=1000, on_validation=False, output_dir=root / "idle")
+    run = Run(None, module, [], [], root / "idle")
+    render = perception.render_perception
+    idle_hook = idle.on_train_batch_end
+
+    def spy(rollout, rows, tokenizer, stem, title):
+        run.render_calls.append(stem)
+        return render(rollout, rows, tokenizer, stem, title)
+
+    def timed_idle_hook(*args, **kwargs):
+        started = time.perf_counter()
+        idle_hook(*args, **kwargs)
+        run.idle_hook_seconds.append(time.perf_counter() - started)
+
+    run.trainer = pl.Trainer(
         max_steps=3,
         logger=TensorBoardLogger(root, name="run"),
-        callbacks=[PerceptionTokenVisualizer(every_n_steps=1, num_rollouts=4)],
+        callbacks=[PerceptionTokenVisualizer(every_n_steps=1, num_rollouts=4), idle],
         limit_val_batches=1,
         val_check_interval=3,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, datamodule=TinyData(tiny_qwen))
-    return trainer, module
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(perception, "render_perception", spy)
+        patch.setattr(idle, "on_train_batch_end", timed_idle_hook)
+        run.trainer.fit(module, datamodule=TinyData(tiny_qwen))
+    return run
 
 
 class PageParser(HTMLParser):
@@ -144,15 +180,15 @@ def parse_page(path):
 
 
 def test_files_per_training_step_and_validation_not_sanity_check(cppo_run):
-    trainer, _ = cppo_run
+    trainer = cppo_run.trainer
     names = sorted(path.name for path in Path(trainer.log_dir, "perception").iterdir())
     # Steps are named as the loggers count them (0-based); the sanity check before training draws nothing.
-    expected = [f"{stem}.{suffix}" for stem in ("step_000000", "step_000001", "step_000002", "val_step_000002") for suffix in ("html", "png")]
-    assert names == sorted(expected)
+    stems = ("step_000000", "step_000001", "step_000002", "val_step_000002")
+    assert names == sorted(f"{stem}.{suffix}" for stem in stems for suffix in ("html", "png"))
 
 
 def test_html_has_one_element_per_token_and_marks_exactly_the_perception_tokens(cppo_run):
-    trainer, module = cppo_run
+    trainer, module = cppo_run.trainer, cppo_run.module
     rollout = module.last_rollout  # the rollout of the last step, step 2
     tokenizer = module.policy.processor.tokenizer
     sections = parse_page(Path(trainer.log_dir, "perception") / "step_000002.html")
@@ -186,11 +222,11 @@ def test_html_has_one_element_per_token_and_marks_exactly_the_perception_tokens(
             if token["dh"] is not None:
                 assert float(token["dh"]) == pytest.approx(value, rel=1e-4, abs=1e-6)
         marked_total += int(selected[row].sum())
-    assert marked_total > 0, "the run selected no perception tokens in the drawn rows: the test would prove nothing"
+    assert marked_total > 0, "no perception token in the drawn rows: the test would prove nothing"
 
 
 def test_html_shows_question_answers_and_embedded_images(cppo_run):
-    trainer, module = cppo_run
+    trainer, module = cppo_run.trainer, cppo_run.module
     rollout = module.last_rollout
     page = (Path(trainer.log_dir, "perception") / "step_000002.html").read_text(encoding="utf-8")
     # The question holds HTML: it is escaped, never injected.
@@ -205,7 +241,7 @@ def test_html_shows_question_answers_and_embedded_images(cppo_run):
 
 
 def test_validation_page_has_tokens_but_no_entropies(cppo_run):
-    trainer, module = cppo_run
+    trainer, module = cppo_run.trainer, cppo_run.module
     rollout = module.last_eval_rollout
     sections = parse_page(Path(trainer.log_dir, "perception") / "val_step_000002.html")
     assert sections
@@ -215,7 +251,7 @@ def test_validation_page_has_tokens_but_no_entropies(cppo_run):
 
 
 def test_png_shows_the_three_views_left_to_right(cppo_run):
-    trainer, _ = cppo_run
+    trainer = cppo_run.trainer
     image = np.asarray(Image.open(Path(trainer.log_dir, "perception") / "step_000002.png").convert("RGB"))
     centres = {}
     for view, colour in VIEW_COLOURS.items():
@@ -229,7 +265,7 @@ def test_png_shows_the_three_views_left_to_right(cppo_run):
 def test_tensorboard_receives_the_png(cppo_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer, _ = cppo_run
+    trainer = cppo_run.trainer
     events = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert [event.step for event in events.Images("perception/train")] == [0, 1, 2]
@@ -238,32 +274,13 @@ def test_tensorboard_receives_the_png(cppo_run):
     assert drawn.size == Image.open(Path(trainer.log_dir, "perception") / "step_000002.png").size
 
 
-def test_not_due_costs_nothing(tiny_qwen, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(perception, "render_perception", lambda *args, **kwargs: calls.append(args))
-    visualizer = PerceptionTokenVisualizer(every_n_steps=1000)
-    hook_time = []
-    hook = visualizer.on_train_batch_end
-
-    def timed(*args, **kwargs):
-        started = time.perf_counter()
-        hook(*args, **kwargs)
-        hook_time.append(time.perf_counter() - started)
-
-    monkeypatch.setattr(visualizer, "on_train_batch_end", timed)
-    trainer = pl.Trainer(
-        max_steps=3,
-        default_root_dir=tmp_path,
-        logger=False,
-        callbacks=[visualizer],
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(tiny_module(tiny_qwen, GRPO(beta=0.0)), datamodule=TinyData(tiny_qwen))
-    assert len(hook_time) == 3
-    assert calls == []
-    assert not list(tmp_path.rglob("perception"))
-    # A modulo and a return: microseconds. 5 ms for three calls leaves room for a loaded CI machine.
-    assert sum(hook_time) < 5e-3
+def test_not_due_costs_nothing(cppo_run):
+    # The due visualizer rendered 3 training steps and 1 validation; the idle one never reached the renderer.
+    rendered = [stem.name for stem in cppo_run.render_calls]
+    assert rendered == ["step_000000", "step_000001", "step_000002", "val_step_000002"]
+    assert all(cppo_run.idle_dir not in stem.parents for stem in cppo_run.render_calls)
+    assert not cppo_run.idle_dir.exists()
+    # Its hook ran at every step and cost a modulo and a return: microseconds. 5 ms for three calls
+    # leaves room for a loaded CI machine (one render takes hundreds of milliseconds).
+    assert len(cppo_run.idle_hook_seconds) == 3
+    assert sum(cppo_run.idle_hook_seconds) < 5e-3

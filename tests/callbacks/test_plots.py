@@ -64,7 +64,8 @@ def test_plot_runs_and_main_write_a_png(two_runs, tmp_path, capsys):
     assert Image.open(written).format == "PNG"
 
     output = tmp_path / "cli.png"
-    argv = [str(run) for run in two_runs] + ["--output", str(output), "--metrics", "train/reward_mean,train/kl", "--smooth", "2"]
+    options = ["--output", str(output), "--metrics", "train/reward_mean,train/kl", "--smooth", "2"]
+    argv = [str(run) for run in two_runs] + options
     assert main(argv) == 0
     assert Image.open(output).size[0] > Image.open(output).size[1]  # two subplots side by side
     assert capsys.readouterr().out.strip() == str(output)
@@ -101,7 +102,8 @@ def test_resumed_run_reads_versions_in_order_and_sparse_rows(tmp_path):
     metrics = read_metrics(run)
     steps, values = metrics["train/reward_mean"]
     assert steps.tolist() == [0, 1, 2, 3]
-    assert values.tolist() == [0.1, 0.3, 0.4, 0.6]  # a step logged again by the later version keeps the later value
+    # A step logged again by the later version keeps the later value.
+    assert values.tolist() == [0.1, 0.3, 0.4, 0.6]
     assert metrics["val/avg@8"][1].tolist() == [0.5, 0.7]
 
 
@@ -109,3 +111,22 @@ def test_smoothing_is_a_trailing_mean():
     # Window 2: the first point has only itself, then means of neighbours: (1+2)/2, (2+4)/2, (4+8)/2.
     assert smoothed(np.array([1.0, 2.0, 4.0, 8.0]), 2).tolist() == [1.0, 1.5, 3.0, 6.0]
     assert smoothed(np.array([1.0, 2.0, 4.0]), 1).tolist() == [1.0, 2.0, 4.0]
+
+
+def test_groups_figure_draws_the_mean_over_seeds(tmp_path):
+    from callbacks.plots import groups_figure
+
+    def run(name, values):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = "\n".join(f"0,{step},{value}" for step, value in enumerate(values))
+        (folder / "metrics.csv").write_text("epoch,step,train/accuracy\n" + rows + "\n")
+        return folder
+
+    groups = {"GRPO": [run("g0", [0.0, 0.2, 0.4, 0.6, 0.8]), run("g1", [0.2, 0.4, 0.6, 0.8, 1.0])],
+              "CPPO": [run("c0", [0.5] * 5)]}
+    figure = groups_figure(groups, metrics=("train/accuracy",), smooth=1)
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    assert set(lines) == {"GRPO (n=2)", "CPPO (n=1)"}
+    # The GRPO line is the per-step mean of its two seeds: 0.1, 0.3, 0.5, 0.7, 0.9.
+    assert list(lines["GRPO (n=2)"].get_ydata()) == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])

@@ -36,6 +36,7 @@ def nll(model, inputs, completion, mask):
 def test_default_lora_wraps_only_language_model_projections(tiny_vlm):
     policy = load_policy(PolicyConfig(model_name_or_path=str(tiny_vlm)))
     layers = lora_layers(policy.model)
+    assert policy.model.training  # from_pretrained gives eval mode; training needs train mode
     # 2 decoder layers x (q, k, v, o, gate, up, down) = 14 projections, all in the language model.
     assert len(layers) == 14
     assert all(".language_model." in name for name in layers)

@@ -179,3 +179,32 @@ def test_a_non_finite_loss_skips_the_step_and_training_continues(tiny_qwen, capl
     after = adapter_state(module)
     assert all(torch.isfinite(p).all() for p in after.values())
     assert any(not torch.equal(before[n], after[n]) for n in before)  # the later steps trained
+
+
+class RecordingGRPO(GRPO):
+    """GRPO that remembers the importance ratio of every micro-batch it sees."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.ratios = []
+
+    def __call__(self, inputs):
+        loss, metrics = super().__call__(inputs)
+        self.ratios.append(float(metrics["ratio_mean"]))
+        return loss, metrics
+
+
+def test_several_optimizer_steps_per_rollout_use_the_sampling_policy_as_old_policy(tiny_qwen):
+    # 2 prompts x G=4 rollouts in mini-batches of 1 prompt and 2 PPO epochs: 4 optimizer steps per rollout.
+    objective = RecordingGRPO()
+    module = small_module(tiny_qwen, objective=objective, update=UpdateConfig(mini_batch_size=1, micro_batch_size=4, ppo_epochs=2),
+                          optimizer=lambda p: torch.optim.AdamW(p, lr=5e-2))
+    trainer(8).fit(module, datamodule=HandWrittenDataModule(tiny_qwen, size=4))
+    assert module.trainer.global_step == 8  # optimizer steps: 2 batches x 4
+    first_rollout = objective.ratios[:4]
+    # Before any update the policy is the sampling policy: the ratio is exactly 1.
+    assert first_rollout[0] == pytest.approx(1.0, abs=1e-6)
+    # After an optimizer step the old log-probs (from before the update) no longer match the policy.
+    assert any(abs(r - 1.0) > 1e-4 for r in first_rollout[1:])
+    # A new rollout starts again from the policy that sampled it.
+    assert objective.ratios[4] == pytest.approx(1.0, abs=1e-6)

@@ -474,3 +474,15 @@ def test_every_returned_metric_is_documented(cls):
     documented = set(re.findall(r"``(\w+)``", docstring))
     assert set(metrics) <= documented & DOCUMENTED_METRICS
     assert all(m.dim() == 0 and not m.requires_grad and math.isfinite(m.item()) for m in metrics.values())
+
+
+def test_config_round_trip_rebuilds_the_same_objective():
+    from cppo_lightning.objectives import CPPO, PAPO, Objective
+
+    for objective in (CPPO(beta=0.0, tau=0.2, top_ratio=0.3, advantage_gating=False), PAPO(perception_weight=0.05)):
+        config = objective.config()
+        assert config["class_path"] == f"cppo_lightning.objectives.objectives.{type(objective).__name__}"
+        rebuilt = Objective.from_config(config)
+        assert type(rebuilt) is type(objective) and rebuilt.config() == config
+    with pytest.raises(ValueError, match="not an Objective"):
+        Objective.from_config({"class_path": "torch.nn.Linear", "init_args": {}})
