@@ -43,10 +43,9 @@ class CPPOLightningCLI(LightningCLI):
         parser.link_arguments("model.policy.model_name_or_path", "data.init_args.processor_name_or_path")
 
 
-def lightning_cli(args: list[str] | None = None, run: bool = True) -> CPPOLightningCLI:
-    """Build (and by default run) the LightningCLI; ``args`` as on the command line, e.g. ``["fit", "--config", ...]``."""
+def _cli(model_class: type, args: list[str] | None, run: bool) -> CPPOLightningCLI:
     return CPPOLightningCLI(
-        CPPOModule,
+        model_class,
         VisualQADataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
@@ -54,24 +53,30 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> CPPOLightn
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True) -> CPPOLightningCLI:
+    """Build (and by default run) the LightningCLI.
+
+    Args:
+        args: as on the command line, e.g. ``["fit", "--config", "configs/demo/cppo.yaml"]``.
+        run: run the subcommand (False: only parse and instantiate).
+    """
+    return _cli(CPPOModule, args, run)
 
 
 def warmstart_cli(args: list[str] | None = None, run: bool = True) -> CPPOLightningCLI:
     """LightningCLI over the supervised :class:`WarmStartModule` (same data, same processor link)."""
-    return CPPOLightningCLI(
-        WarmStartModule,
-        VisualQADataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    return _cli(WarmStartModule, args, run)
 
 
 def _warmstart(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cppo warmstart", description="Supervised warm start; writes a checkpoint folder.")
-    parser.add_argument("--output", required=True, help="folder for the fine-tuned model (reused when up to date)")
+    parser = argparse.ArgumentParser(
+        prog="cppo warmstart", description="Supervised warm start; writes a checkpoint folder."
+    )
+    parser.add_argument(
+        "--output", required=True, help="folder for the fine-tuned model (reused when up to date)"
+    )
     options, rest = parser.parse_known_args(argv)
     print(warm_start(rest, options.output))
     return 0
@@ -95,7 +100,9 @@ def warm_start(args: list[str], output: str | Path) -> Path:
     cli = warmstart_cli(["fit", *args])
     if cli.trainer.is_global_zero:
         cli.model.save_pretrained(output)
-        marker.write_text(json.dumps({"stamp": stamp, "args": args, "seconds": time.perf_counter() - started}))
+        marker.write_text(
+            json.dumps({"stamp": stamp, "args": args, "seconds": time.perf_counter() - started})
+        )
     return output
 
 
@@ -106,8 +113,18 @@ def _config_texts(args: list[str]) -> list[str]:
 
 def _held_out_accuracy(args: list[str], model_path: str | Path) -> float:
     """avg@k on the test split of a config, for the checkpoint at ``model_path`` (no adapter)."""
-    cli = lightning_cli(["test", *args, "--model.policy.model_name_or_path", str(model_path),
-                         "--trainer.logger", "false", "--trainer.callbacks", "[]"])
+    cli = lightning_cli(
+        [
+            "test",
+            *args,
+            "--model.policy.model_name_or_path",
+            str(model_path),
+            "--trainer.logger",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+        ]
+    )
     return _avg_at_k(cli.trainer.callback_metrics, "test")
 
 
@@ -132,26 +149,47 @@ def _demo(argv: list[str]) -> int:
     parser.add_argument("--config", default="configs/demo/cppo.yaml", help="RL config")
     parser.add_argument("--warmstart-config", default="configs/demo/warmstart.yaml")
     parser.add_argument("--output", default="runs/demo", help="where runs, the warm start and the summary go")
-    parser.add_argument("--warmstart-args", default="", help="extra warm-start arguments, e.g. '--trainer.max_steps 20'")
+    parser.add_argument(
+        "--warmstart-args", default="", help="extra warm-start arguments, e.g. '--trainer.max_steps 20'"
+    )
     parser.add_argument("--fit-args", default="", help="extra RL arguments, e.g. '--trainer.max_steps 5'")
     options = parser.parse_args(argv)
     output = Path(options.output)
     started = time.perf_counter()
-    warm_args = ["--config", options.warmstart_config, "--trainer.logger.init_args.save_dir", str(output),
-                 *shlex.split(options.warmstart_args)]
-    warm = warm_start(warm_args, output / "warmstart")
-    rl_args = ["--config", options.config, "--trainer.logger.init_args.save_dir", str(output),
-               *shlex.split(options.fit_args)]
+    warm_args = [
+        "--config",
+        options.warmstart_config,
+        "--trainer.logger.init_args.save_dir",
+        str(output),
+        *shlex.split(options.warmstart_args),
+    ]
+    warm = warm_start(warm_args, output / "warmstart" / "model")
+    rl_args = [
+        "--config",
+        options.config,
+        "--trainer.logger.init_args.save_dir",
+        str(output),
+        *shlex.split(options.fit_args),
+    ]
     before = _held_out_accuracy(rl_args, warm)
     after, run = _fit_and_test(rl_args, warm)
     from callbacks.plots import plot_runs
 
-    curves = plot_runs([run], run / "curves.png", metrics=("train/reward_mean", "train/accuracy", "train/cpl"))
-    summary = {"warm_start_avg_at_k": before, "trained_avg_at_k": after, "run": str(run), "curves": str(curves),
-               "seconds": round(time.perf_counter() - started, 1)}
+    curves = plot_runs(
+        [run], run / "curves.png", metrics=("train/reward_mean", "train/accuracy", "train/cpl")
+    )
+    summary = {
+        "warm_start_avg_at_k": before,
+        "trained_avg_at_k": after,
+        "run": str(run),
+        "curves": str(curves),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"held-out avg@k: warm start {before:.3f} -> after RL {after:.3f}  ({summary['seconds']:.0f} s)")
-    print(f"run folder: {run}  (config.yaml, metrics.csv, checkpoints/, checkpoints/adapter, curves.png, perception/)")
+    print(
+        f"run folder: {run}  (config.yaml, metrics.csv, checkpoints/, checkpoints/adapter, curves.png, perception/)"
+    )
     return 0
 
 
@@ -169,32 +207,60 @@ def _study(argv: list[str]) -> int:
     parser.add_argument("--fit-args", default="")
     options = parser.parse_args(argv)
     output = Path(options.output)
-    warm = warm_start(["--config", options.warmstart_config, "--trainer.logger.init_args.save_dir", str(output),
-                       *shlex.split(options.warmstart_args)], output / "warmstart")
+    warm = warm_start(
+        [
+            "--config",
+            options.warmstart_config,
+            "--trainer.logger.init_args.save_dir",
+            str(output),
+            *shlex.split(options.warmstart_args),
+        ],
+        output / "warmstart" / "model",
+    )
     results: dict[str, list[float]] = {}
     runs: dict[str, list[Path]] = {}
     for objective in options.objectives.split(","):
         for seed in options.seeds.split(","):
-            args = ["--config", f"configs/demo/{objective}.yaml", "--trainer.logger.init_args.save_dir", str(output),
-                    "--trainer.logger.init_args.name", f"{objective}-seed{seed}", "--seed_everything", seed,
-                    "--model.seed", seed, "--data.init_args.seed", seed, *shlex.split(options.fit_args)]
+            args = [
+                "--config",
+                f"configs/demo/{objective}.yaml",
+                "--trainer.logger.init_args.save_dir",
+                str(output),
+                "--trainer.logger.init_args.name",
+                f"{objective}-seed{seed}",
+                "--seed_everything",
+                seed,
+                "--model.seed",
+                seed,
+                "--data.init_args.seed",
+                seed,
+                *shlex.split(options.fit_args),
+            ]
             accuracy, run = _fit_and_test(args, warm)
             results.setdefault(objective, []).append(accuracy)
             runs.setdefault(objective.upper(), []).append(run)
             print(f"{objective} seed {seed}: held-out avg@k {accuracy:.3f}")
-    baseline = _held_out_accuracy(["--config", f"configs/demo/{options.objectives.split(',')[0]}.yaml",
-                                   *shlex.split(options.fit_args)], warm)
+    baseline = _held_out_accuracy(
+        ["--config", f"configs/demo/{options.objectives.split(',')[0]}.yaml", *shlex.split(options.fit_args)],
+        warm,
+    )
     from callbacks.plots import plot_groups, read_metrics
 
     first = next(iter(runs.values()))[0]
     validation = [key for key in read_metrics(first) if key.startswith("val/avg@")]
     plot = plot_groups(runs, output / "study.png", metrics=("train/accuracy", *validation), smooth=10)
-    lines = ["| method | held-out avg@k (mean ± std) | per seed |", "|---|---|---|",
-             f"| warm start | {baseline:.3f} | - |"]
+    lines = [
+        "| method | held-out avg@k (mean ± std) | per seed |",
+        "|---|---|---|",
+        f"| warm start | {baseline:.3f} | - |",
+    ]
     for objective, values in results.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"| {objective.upper()} | {statistics.mean(values):.3f} ± {spread:.3f} | "
-                     + ", ".join(f"{v:.3f}" for v in values) + " |")
+        lines.append(
+            f"| {objective.upper()} | {statistics.mean(values):.3f} ± {spread:.3f} | "
+            + ", ".join(f"{v:.3f}" for v in values)
+            + " |"
+        )
     table = "\n".join(lines)
     (output / "study.md").write_text(table + "\n")
     (output / "study.json").write_text(json.dumps({"warm_start": baseline, "results": results}, indent=2))
@@ -204,10 +270,14 @@ def _study(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cppo export", description="Merge a LoRA adapter folder into its base model.")
+    parser = argparse.ArgumentParser(
+        prog="cppo export", description="Merge a LoRA adapter folder into its base model."
+    )
     parser.add_argument("adapter", help="adapter folder (written beside the checkpoints as 'adapter')")
     parser.add_argument("output", help="folder for the merged model")
-    parser.add_argument("--dtype", default="float32", help="dtype of the merged weights (float32, bfloat16, float16)")
+    parser.add_argument(
+        "--dtype", default="float32", help="dtype of the merged weights (float32, bfloat16, float16)"
+    )
     options = parser.parse_args(argv)
     from cppo_lightning.export import merge_adapter_folder
 

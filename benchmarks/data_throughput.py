@@ -42,8 +42,15 @@ from datamodules.perturbations import ViewMaker  # noqa: E402
 
 def datamodule(model: str, size: int, examples: int, batch_size: int, views: list[str], workers: int):
     dm = SyntheticVQADataModule(
-        task=SyntheticTaskConfig(image_size=size), train_size=examples, val_size=0, test_size=0,
-        processor_name_or_path=model, batch_size=batch_size, views=views, num_workers=workers, seed=0,
+        task=SyntheticTaskConfig(image_size=size),
+        train_size=examples,
+        val_size=0,
+        test_size=0,
+        processor_name_or_path=model,
+        batch_size=batch_size,
+        views=views,
+        num_workers=workers,
+        seed=0,
     )
     dm.setup("fit")
     return dm
@@ -62,10 +69,15 @@ def stage_costs(dm, repeats: int) -> dict[str, float]:
             decoded = time.perf_counter()
             views = dataset.view_maker(image, seed=dataset.seed, epoch=0, example_id=dataset.ids[index])
             viewed = time.perf_counter()
-            encoded.append(dataset.encoder.encode(
-                dataset.ids[index], views, clean_question(row[dataset.columns["question"]]),
-                clean_answer(row[dataset.columns["answer"]]), keep_images=dataset.keep_images,
-            ))
+            encoded.append(
+                dataset.encoder.encode(
+                    dataset.ids[index],
+                    views,
+                    clean_question(row[dataset.columns["question"]]),
+                    clean_answer(row[dataset.columns["answer"]]),
+                    keep_images=dataset.keep_images,
+                )
+            )
             done = time.perf_counter()
             totals["decode + fit pixels"].append(decoded - start)
             totals["views I+ and I-"].append(viewed - decoded)
@@ -110,14 +122,18 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=64, help="synthetic training examples per size")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2, help="DataLoader epochs timed per row")
-    parser.add_argument("--repeats", type=int, default=2, help="passes over the examples for the per-stage rows")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="passes over the examples for the per-stage rows"
+    )
     args = parser.parse_args()
 
     print(
         f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}"
     )
-    print(f"synthetic task, {args.examples} examples, batch {args.batch_size}, tiny Qwen2.5-VL processor (<= 448 px)\n")
+    print(
+        f"synthetic task, {args.examples} examples, batch {args.batch_size}, tiny Qwen2.5-VL processor (<= 448 px)\n"
+    )
 
     with tempfile.TemporaryDirectory() as folder:
         model = str(build_tiny_vlm(folder, "qwen2_5_vl", "smoke", image_size=448))
@@ -133,7 +149,9 @@ def main() -> None:
             row["perturbation alone, I+ and I- (ms/image)"] = f"{perturbation_ms(dm, args.repeats):.2f}"
             for views, label in ((cppo, "CPPO, 3 views"), ([ORIGINAL], "GRPO, 1 view")):
                 for workers in (0, 1, 2):
-                    rate, tokens = loader_rate(datamodule(model, size, args.examples, args.batch_size, views, workers), args.epochs)
+                    rate, tokens = loader_rate(
+                        datamodule(model, size, args.examples, args.batch_size, views, workers), args.epochs
+                    )
                     row[f"DataLoader {label}, {workers} workers (samples/s)"] = f"{rate:.0f}"
             row["prompt length (tokens)"] = str(tokens)
             results[size] = row

@@ -81,11 +81,25 @@ def run_objective(name: str, model: str, steps: int, batch_size: int, max_new_to
         update=UpdateConfig(micro_batch_size=batch_size * 5),
         reward_functions={"step_time.varied_reward": 1.0},
     )
-    data = SyntheticVQADataModule(train_size=batch_size * (steps + 1), val_size=0, test_size=0, batch_size=batch_size,
-                                  processor_name_or_path=model, seed=1)
+    data = SyntheticVQADataModule(
+        train_size=batch_size * (steps + 1),
+        val_size=0,
+        test_size=0,
+        batch_size=batch_size,
+        processor_name_or_path=model,
+        seed=1,
+    )
     timings = Timings()
-    trainer = pl.Trainer(max_steps=steps + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[timings.callback], accelerator="auto", devices=1)
+    trainer = pl.Trainer(
+        max_steps=steps + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timings.callback],
+        accelerator="auto",
+        devices=1,
+    )
     baseline = None
 
     class Baseline(pl.Callback):
@@ -123,18 +137,24 @@ def stacked_vs_separate(model: str, rows: int, length: int, repeats: int) -> dic
     image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
     views = [image, np.clip(image.astype(int) + 30, 0, 255).astype(np.uint8), np.zeros_like(image)]
     text = chat_prompt(processor, "How many red shapes are in the image?")
-    inputs = [dict(processor(images=[view] * rows, text=[text] * rows, return_tensors="pt")) for view in views]
+    inputs = [
+        dict(processor(images=[view] * rows, text=[text] * rows, return_tensors="pt")) for view in views
+    ]
     completion = torch.randint(10, 200, (rows, length))
     mask = torch.ones_like(completion, dtype=torch.bool)
     stacked = concat_vision_inputs(inputs)
 
     def separate():
         for view_inputs in inputs:
-            token_logprobs(completion_logits(policy.model, view_inputs, completion, mask), completion).sum().backward()
+            token_logprobs(
+                completion_logits(policy.model, view_inputs, completion, mask), completion
+            ).sum().backward()
 
     def together():
         three = completion.repeat(3, 1)
-        token_logprobs(completion_logits(policy.model, stacked, three, mask.repeat(3, 1)), three).sum().backward()
+        token_logprobs(
+            completion_logits(policy.model, stacked, three, mask.repeat(3, 1)), three
+        ).sum().backward()
 
     results = {}
     for name, function in (("separate", separate), ("stacked", together)):
@@ -149,7 +169,9 @@ def stacked_vs_separate(model: str, rows: int, length: int, repeats: int) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="demo", choices=["smoke", "small", "demo"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per step (x G=5 rollouts)")
@@ -161,7 +183,9 @@ def main() -> None:
 
     if options.child:
         name, model = options.child.split(":", 1)
-        print(json.dumps(run_objective(name, model, options.steps, options.batch_size, options.max_new_tokens)))
+        print(
+            json.dumps(run_objective(name, model, options.steps, options.batch_size, options.max_new_tokens))
+        )
         return
 
     with tempfile.TemporaryDirectory() as folder:
@@ -169,24 +193,50 @@ def main() -> None:
         results = {}
         for name in ("grpo", "cppo"):
             child = subprocess.run(
-                [sys.executable, __file__, "--child", f"{name}:{model}", "--steps", str(options.steps),
-                 "--batch-size", str(options.batch_size), "--max-new-tokens", str(options.max_new_tokens)],
-                capture_output=True, text=True, check=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    f"{name}:{model}",
+                    "--steps",
+                    str(options.steps),
+                    "--batch-size",
+                    str(options.batch_size),
+                    "--max-new-tokens",
+                    str(options.max_new_tokens),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             results[name] = json.loads(child.stdout.strip().splitlines()[-1])
-        views = stacked_vs_separate(model, rows=options.batch_size * 5 // 2, length=options.max_new_tokens, repeats=5)
+        views = stacked_vs_separate(
+            model, rows=options.batch_size * 5 // 2, length=options.max_new_tokens, repeats=5
+        )
 
     grpo, cppo = results["grpo"], results["cppo"]
-    print(f"machine: {os.cpu_count()} CPU cores, device {grpo['device']}; tiny Qwen2.5-VL '{options.size}'; "
-          f"{options.steps} steps of {options.batch_size} prompts x G=5, {options.max_new_tokens} new tokens")
+    print(
+        f"machine: {os.cpu_count()} CPU cores, device {grpo['device']}; tiny Qwen2.5-VL '{options.size}'; "
+        f"{options.steps} steps of {options.batch_size} prompts x G=5, {options.max_new_tokens} new tokens"
+    )
     print(f"{'':28s}{'GRPO':>10s}{'CPPO':>10s}{'CPPO/GRPO':>11s}")
-    for key, label in (("step_s", "step time (s, median)"), ("rollout_s", "  rollout (s)"), ("update_s", "  update (s)")):
+    for key, label in (
+        ("step_s", "step time (s, median)"),
+        ("rollout_s", "  rollout (s)"),
+        ("update_s", "  update (s)"),
+    ):
         print(f"{label:28s}{grpo[key]:10.3f}{cppo[key]:10.3f}{cppo[key] / grpo[key]:11.2f}")
     grpo_extra, cppo_extra = grpo["peak_gb"] - grpo["baseline_gb"], cppo["peak_gb"] - cppo["baseline_gb"]
-    print(f"{'peak memory (GB)':28s}{grpo['peak_gb']:10.3f}{cppo['peak_gb']:10.3f}{cppo['peak_gb'] / grpo['peak_gb']:11.2f}")
-    print(f"{'  of it during training':28s}{grpo_extra:10.3f}{cppo_extra:10.3f}{cppo_extra / max(grpo_extra, 1e-9):11.2f}")
-    print(f"stacked-view forward+backward: {views['stacked']:.3f} s vs three separate calls {views['separate']:.3f} s "
-          f"-> speed-up {views['separate'] / views['stacked']:.2f}x")
+    print(
+        f"{'peak memory (GB)':28s}{grpo['peak_gb']:10.3f}{cppo['peak_gb']:10.3f}{cppo['peak_gb'] / grpo['peak_gb']:11.2f}"
+    )
+    print(
+        f"{'  of it during training':28s}{grpo_extra:10.3f}{cppo_extra:10.3f}{cppo_extra / max(grpo_extra, 1e-9):11.2f}"
+    )
+    print(
+        f"stacked-view forward+backward: {views['stacked']:.3f} s vs three separate calls {views['separate']:.3f} s "
+        f"-> speed-up {views['separate'] / views['stacked']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

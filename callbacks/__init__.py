@@ -13,4 +13,11 @@ from callbacks.plots import plot_groups, plot_runs
 from callbacks.rollout_log import RolloutSamplesLogger
 from callbacks.throughput import ThroughputMonitor
 
-__all__ = ["AdapterExport", "PerceptionTokenVisualizer", "RolloutSamplesLogger", "ThroughputMonitor", "plot_groups", "plot_runs"]
+__all__ = [
+    "AdapterExport",
+    "PerceptionTokenVisualizer",
+    "RolloutSamplesLogger",
+    "ThroughputMonitor",
+    "plot_groups",
+    "plot_runs",
+]

@@ -34,7 +34,9 @@ class AdapterExport(pl.Callback):
         return Path(base) / self.dirname
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
         if not trainer.is_global_zero:
             return
         policy = getattr(pl_module, "policy", None)

@@ -212,8 +212,10 @@ def perception_html(rows: list[dict], title: str) -> str:
         ):
             classes = "tok perception" if selected else "tok"
             colour = _dh_colour(float(dh), scale)
-            tip = f"H(I) {h:.3f}, H(I-) {h_removed:.3f}, dH {dh:+.3g}" if colour else (
-                f"H(I) {h:.3f}, no I- entropy" if math.isfinite(h) else "no entropy"
+            tip = (
+                f"H(I) {h:.3f}, H(I-) {h_removed:.3f}, dH {dh:+.3g}"
+                if colour
+                else (f"H(I) {h:.3f}, no I- entropy" if math.isfinite(h) else "no entropy")
             )
             attributes = f'class="{classes}" title="{e(tip)}"'
             if colour:
@@ -244,8 +246,14 @@ def perception_figure(rows: list[dict], title: str, width: float = 12.0) -> Figu
     figure = Figure(figsize=(width, total), dpi=dpi)
     figure.text(0.5, 1 - 0.1 / total, title, fontsize=11, ha="center", va="top", parse_math=False)
     grid = figure.add_gridspec(
-        len(heights), 1, height_ratios=heights, left=margin / width, right=1 - margin / width,
-        top=1 - title_height / total, bottom=0, hspace=0,
+        len(heights),
+        1,
+        height_ratios=heights,
+        left=margin / width,
+        right=1 - margin / width,
+        top=1 - title_height / total,
+        bottom=0,
+        hspace=0,
     )
     for index, (info, (placed, lines)) in enumerate(zip(rows, layouts)):
         axis = figure.add_subplot(grid[2 * index])

@@ -70,7 +70,9 @@ def concat_vision_inputs(parts: Sequence[Mapping[str, Tensor]]) -> dict[str, Ten
             result[key] = torch.cat(tensors, dim=0)
         except (RuntimeError, KeyError) as error:
             shapes = [tuple(t.shape) for t in tensors]
-            raise ValueError(f"vision input {key!r} cannot be batched, per-example shapes {shapes}: {error}") from None
+            raise ValueError(
+                f"vision input {key!r} cannot be batched, per-example shapes {shapes}: {error}"
+            ) from None
     return result
 
 
@@ -109,10 +111,14 @@ class PromptBatch:
             )
         for key, value in self.text_inputs.items():
             if value.shape != self.input_ids.shape:
-                raise ValueError(f"text input {key!r} {tuple(value.shape)} does not match input_ids {tuple(self.input_ids.shape)}")
+                raise ValueError(
+                    f"text input {key!r} {tuple(value.shape)} does not match input_ids {tuple(self.input_ids.shape)}"
+                )
         for name, per_example in self.vision.items():
             if len(per_example) != size:
-                raise ValueError(f"view {name!r} has vision inputs for {len(per_example)} examples, batch has {size}")
+                raise ValueError(
+                    f"view {name!r} has vision inputs for {len(per_example)} examples, batch has {size}"
+                )
         for name, values in (("answers", self.answers), ("ids", self.ids)):
             if len(values) != size:
                 raise ValueError(f"{name} has {len(values)} entries, batch has {size} prompts")
@@ -147,7 +153,9 @@ class PromptBatch:
             KeyError: the batch does not carry that view.
         """
         if view not in self.vision:
-            raise KeyError(f"this batch has no {view!r} view (it has {list(self.vision)}); the DataModule must be asked for it")
+            raise KeyError(
+                f"this batch has no {view!r} view (it has {list(self.vision)}); the DataModule must be asked for it"
+            )
         if rows is None:
             rows = torch.arange(len(self))
         rows = torch.as_tensor(rows, dtype=torch.long)
@@ -174,7 +182,9 @@ class PromptBatch:
             if list(example.vision) != views:
                 raise ValueError(f"example {example.id!r} has views {list(example.vision)}, expected {views}")
             if list(example.text_inputs) != text_keys:
-                raise ValueError(f"example {example.id!r} has text keys {list(example.text_inputs)}, expected {text_keys}")
+                raise ValueError(
+                    f"example {example.id!r} has text keys {list(example.text_inputs)}, expected {text_keys}"
+                )
         length = max(example.text_inputs["input_ids"].shape[-1] for example in examples)
         padded: dict[str, list[Tensor]] = {key: [] for key in text_keys}
         for example in examples:

@@ -38,7 +38,9 @@ def merge_adapter_folder(adapter: str | Path, output: str | Path, dtype: str = "
     if not config_file.exists():
         raise FileNotFoundError(f"{adapter} has no adapter_config.json: not a PEFT adapter folder")
     base_name = json.loads(config_file.read_text())["base_model_name_or_path"]
-    base = AutoModelForImageTextToText.from_pretrained(resolve_model_path(base_name), dtype=torch_dtype(dtype))
+    base = AutoModelForImageTextToText.from_pretrained(
+        resolve_model_path(base_name), dtype=torch_dtype(dtype)
+    )
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.save_pretrained(output)
     load_processor(base_name).save_pretrained(output)

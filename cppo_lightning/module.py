@@ -46,11 +46,11 @@ from cppo_lightning.objectives import (
     token_entropy,
     token_logprobs,
 )
-from cppo_lightning.rewards import DEFAULT_REWARDS, resolve_reward_function, short_name
+from cppo_lightning.rewards import DEFAULT_REWARDS, resolve_reward_function
 from cppo_lightning.rollout import (
+    RewardModel,
     Rollout,
     RolloutConfig,
-    RewardModel,
     decode,
     derived_seed,
     generate,
@@ -145,7 +145,9 @@ def _as_objective(value) -> Objective:
         return value
     if isinstance(value, Mapping):
         return Objective.from_config(value)
-    raise TypeError(f"objective must be an Objective (GRPO, CPPO, PAPO) or its config, got {type(value).__name__}")
+    raise TypeError(
+        f"objective must be an Objective (GRPO, CPPO, PAPO) or its config, got {type(value).__name__}"
+    )
 
 
 class CPPOModule(pl.LightningModule):
@@ -223,11 +225,15 @@ class CPPOModule(pl.LightningModule):
                 f"samples_per_prompt (G) is {rollout.samples_per_prompt}: group-normalised advantages need G >= 2"
             )
         if update.micro_batch_size < 1 or update.ppo_epochs < 1:
-            problems.append(f"micro_batch_size ({update.micro_batch_size}) and ppo_epochs ({update.ppo_epochs}) must be >= 1")
+            problems.append(
+                f"micro_batch_size ({update.micro_batch_size}) and ppo_epochs ({update.ppo_epochs}) must be >= 1"
+            )
         mini = update.mini_batch_size or prompts_per_batch
         if mini is not None:
             if prompts_per_batch is not None and prompts_per_batch % mini:
-                problems.append(f"mini_batch_size ({mini} prompts) does not divide the batch ({prompts_per_batch} prompts)")
+                problems.append(
+                    f"mini_batch_size ({mini} prompts) does not divide the batch ({prompts_per_batch} prompts)"
+                )
             rows = mini * rollout.samples_per_prompt
             if rows % update.micro_batch_size:
                 problems.append(
@@ -255,7 +261,9 @@ class CPPOModule(pl.LightningModule):
                 device_map = {"": device}
         # Seeded: LoRA's random initialisation must not depend on what ran before in the process.
         with seeded(derived_seed(self.seed, "init")):
-            self.policy = load_policy(self.policy_config, reference=self.objective.needs_reference, device_map=device_map)
+            self.policy = load_policy(
+                self.policy_config, reference=self.objective.needs_reference, device_map=device_map
+            )
 
     @override
     def setup(self, stage: str) -> None:
@@ -271,7 +279,10 @@ class CPPOModule(pl.LightningModule):
         optimizer = self.optimizer_factory(self.policy.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     # ------------------------------------------------------------------ helpers
 
@@ -295,7 +306,9 @@ class CPPOModule(pl.LightningModule):
         name = type(self.trainer.strategy).__name__
         return name.startswith(("FSDP", "DeepSpeed", "ModelParallel"))
 
-    def _sample(self, batch: PromptBatch, samples: int, config: RolloutConfig) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    def _sample(
+        self, batch: PromptBatch, samples: int, config: RolloutConfig
+    ) -> tuple[Tensor, Tensor, Tensor, list[str]]:
         example_rows = repeat_rows(batch, samples, self.device)
         eos, pad = self._eos_and_pad()
         with sampling_mode(self.policy.model):
@@ -314,7 +327,9 @@ class CPPOModule(pl.LightningModule):
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Model inputs, completions and masks for several (view, rollout rows) parts, stacked on dim 0."""
         parts = [(view, rows) for view, rows in parts if len(rows)]  # e.g. no row with A > 0 this time
-        inputs = concat_vision_inputs([batch.model_inputs(view, rollout.example_rows[rows]) for view, rows in parts])
+        inputs = concat_vision_inputs(
+            [batch.model_inputs(view, rollout.example_rows[rows]) for view, rows in parts]
+        )
         completion = torch.cat([rollout.completion_ids[rows, :length] for _, rows in parts])
         mask = torch.cat([rollout.completion_mask[rows, :length] for _, rows in parts])
         return inputs, completion, mask
@@ -326,7 +341,9 @@ class CPPOModule(pl.LightningModule):
         with torch.no_grad():
             for start in range(0, len(rollout), micro):
                 rows = torch.arange(start, min(start + micro, len(rollout)), device=self.device)
-                inputs, completion, mask = self._stacked_inputs(batch, rollout, [(view, rows)], rollout.completion_ids.shape[1])
+                inputs, completion, mask = self._stacked_inputs(
+                    batch, rollout, [(view, rows)], rollout.completion_ids.shape[1]
+                )
                 logits = completion_logits(self.policy.model, inputs, completion, mask)
                 scores.append(token_logprobs(logits, completion, temperature=self.rollout_config.temperature))
         return torch.cat(scores)
@@ -387,7 +404,6 @@ class CPPOModule(pl.LightningModule):
             if not request.with_grad
         }
         self._init_rollout_buffers(rollout)
-        optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         statistics = _StepStatistics()
         for epoch in range(update.ppo_epochs):
@@ -396,7 +412,9 @@ class CPPOModule(pl.LightningModule):
                 order = order[torch.randperm(len(rollout), device="cpu").to(self.device)]
             for start in range(0, len(rollout), mini_rows):
                 mini = order[start : start + mini_rows]
-                self._optimizer_step(batch, rollout, mini, micro, old_logprobs, frozen_views, statistics, epoch == 0)
+                self._optimizer_step(
+                    batch, rollout, mini, micro, old_logprobs, frozen_views, statistics, epoch == 0
+                )
                 if scheduler is not None:
                     scheduler.step()
         return statistics
@@ -418,7 +436,9 @@ class CPPOModule(pl.LightningModule):
         finite = True
         for index, chunk in enumerate(chunks):
             try:
-                loss, metrics = self._micro_batch_loss(batch, rollout, chunk, old_logprobs, frozen_views, record)
+                loss, metrics = self._micro_batch_loss(
+                    batch, rollout, chunk, old_logprobs, frozen_views, record
+                )
                 ok = bool(torch.isfinite(loss))
                 problem = "loss is not finite"
             except NonFiniteError as error:
@@ -426,7 +446,11 @@ class CPPOModule(pl.LightningModule):
             # Every rank takes the same decision, or DDP would wait forever for a skipped backward.
             if not self.trainer.strategy.reduce_boolean_decision(ok, all=True):
                 finite = False
-                log.warning("step %d: skipping an optimizer step (%s)", self.global_step, problem if not ok else "on another rank")
+                log.warning(
+                    "step %d: skipping an optimizer step (%s)",
+                    self.global_step,
+                    problem if not ok else "on another rank",
+                )
                 break
             last = index == len(chunks) - 1
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
@@ -440,9 +464,15 @@ class CPPOModule(pl.LightningModule):
             return
         gradients = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
         if gradients:
-            statistics.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in gradients]))))
+            statistics.grad_norms.append(
+                float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in gradients])))
+            )
         if self.update_config.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.update_config.gradient_clip_val, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.update_config.gradient_clip_val,
+                gradient_clip_algorithm="norm",
+            )
         optimizer.step()
 
     def _micro_batch_loss(
@@ -472,7 +502,9 @@ class CPPOModule(pl.LightningModule):
         response_mask = rollout.completion_mask[rows, :length]
         entropy = token_entropy(logits_parts[0], temperature=temperature) if objective.needs_entropy else None
         distribution = (
-            torch.log_softmax(logits_parts[0].float() / temperature, dim=-1) if objective.needs_full_distribution else None
+            torch.log_softmax(logits_parts[0].float() / temperature, dim=-1)
+            if objective.needs_full_distribution
+            else None
         )
         views = {}
         for request, view_logits, view_logprobs in zip(requests, logits_parts[1:], logprob_parts[1:]):
@@ -481,17 +513,27 @@ class CPPOModule(pl.LightningModule):
                 logprobs=view_logprobs,
                 entropy=token_entropy(view_logits, temperature=temperature) if request.entropy else None,
                 log_distribution=(
-                    torch.log_softmax(view_logits.float() / temperature, dim=-1) if request.full_distribution else None
+                    torch.log_softmax(view_logits.float() / temperature, dim=-1)
+                    if request.full_distribution
+                    else None
                 ),
             )
         for name, scores in frozen_views.items():
-            views[name] = ViewOutputs(rows=torch.arange(len(rows), device=self.device), logprobs=scores[rows, :length])
+            views[name] = ViewOutputs(
+                rows=torch.arange(len(rows), device=self.device), logprobs=scores[rows, :length]
+            )
         reference = None
         if objective.needs_reference:
             self.reference_forwards += 1
             with torch.no_grad(), self.policy.reference() as model:
-                ref_inputs, ref_completion, ref_mask = self._stacked_inputs(batch, rollout, [(ORIGINAL, rows)], length)
-                reference = token_logprobs(completion_logits(model, ref_inputs, ref_completion, ref_mask), ref_completion, temperature=temperature)
+                ref_inputs, ref_completion, ref_mask = self._stacked_inputs(
+                    batch, rollout, [(ORIGINAL, rows)], length
+                )
+                reference = token_logprobs(
+                    completion_logits(model, ref_inputs, ref_completion, ref_mask),
+                    ref_completion,
+                    temperature=temperature,
+                )
         objective_inputs = ObjectiveInputs(
             logprobs=logprob_parts[0],
             response_mask=response_mask,
@@ -515,7 +557,9 @@ class CPPOModule(pl.LightningModule):
             rollout.entropy = torch.full(shape, float("nan"), device=self.device)
             rollout.entropy_removed = torch.full(shape, float("nan"), device=self.device)
 
-    def _record_entropies(self, rollout: Rollout, rows: Tensor, length: int, entropy: Tensor | None, views: dict) -> None:
+    def _record_entropies(
+        self, rollout: Rollout, rows: Tensor, length: int, entropy: Tensor | None, views: dict
+    ) -> None:
         if entropy is None or rollout.entropy is None:
             return
         rollout.entropy[rows, :length] = entropy.detach().float()
@@ -541,7 +585,9 @@ class CPPOModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ logging
 
-    def _log_training(self, rollout: Rollout, statistics: _StepStatistics, rollout_time: float, update_time: float) -> None:
+    def _log_training(
+        self, rollout: Rollout, statistics: _StepStatistics, rollout_time: float, update_time: float
+    ) -> None:
         self._finish_rollout_record(rollout)
         self.reward_statistics.update(rollout.rewards, rollout.group_size)
         values = dict(self.reward_statistics.compute())
@@ -564,8 +610,16 @@ class CPPOModule(pl.LightningModule):
             "throughput/generated_tokens_per_s": float(lengths.sum()) / max(rollout_time, 1e-9),
             "throughput/update_rollouts_per_s": len(rollout) / max(update_time, 1e-9),
         }
-        self.log_dict({f"train/{key}": torch.as_tensor(value, dtype=torch.float32, device=self.device) for key, value in values.items()},
-                      on_step=True, on_epoch=False, sync_dist=True, batch_size=len(rollout))
+        self.log_dict(
+            {
+                f"train/{key}": torch.as_tensor(value, dtype=torch.float32, device=self.device)
+                for key, value in values.items()
+            },
+            on_step=True,
+            on_epoch=False,
+            sync_dist=True,
+            batch_size=len(rollout),
+        )
         self.log_dict(timing, on_step=True, on_epoch=False, batch_size=len(rollout))
 
     # ------------------------------------------------------------------ evaluation
@@ -583,7 +637,9 @@ class CPPOModule(pl.LightningModule):
             example_rows, completion, mask, texts = self._sample(batch, k, config)
         rows = example_rows.tolist()
         grades = self.eval_grader(
-            [batch.questions[i] if batch.questions else "" for i in rows], texts, answers=[batch.answers[i] for i in rows]
+            [batch.questions[i] if batch.questions else "" for i in rows],
+            texts,
+            answers=[batch.answers[i] for i in rows],
         )
         correct = torch.as_tensor(grades, dtype=torch.float32, device=self.device).view(len(batch), k)
         key = f"{stage}_{dataloader_idx}"
@@ -624,8 +680,13 @@ class CPPOModule(pl.LightningModule):
         # The frozen base (LoRA/QLoRA) and the reference copy (full) are reloaded from the source
         # checkpoint, so a Lightning checkpoint holds only what training changed.
         keep = self._checkpointed_keys()
-        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in keep}
-        checkpoint["cppo"] = {"skipped_steps": self.skipped_steps, "model_name_or_path": self.policy_config.model_name_or_path}
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if key in keep
+        }
+        checkpoint["cppo"] = {
+            "skipped_steps": self.skipped_steps,
+            "model_name_or_path": self.policy_config.model_name_or_path,
+        }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:

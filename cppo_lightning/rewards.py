@@ -52,7 +52,7 @@ def extract_boxed(text: str) -> str | None:
 
 
 def normalize_answer(answer: str) -> str:
-    """Lower-case, unwrap ``\\text{}``/``$``/a single ``\\boxed{}``, drop spaces, outer parentheses and a trailing period."""
+    """Lower-case; unwrap ``\\text{}``, ``$`` and a single ``\\boxed{}``; drop spaces, outer parentheses, a final period."""
     boxed = extract_boxed(answer)
     if boxed is not None and answer.strip().startswith("\\boxed{"):
         answer = boxed
@@ -99,7 +99,9 @@ def accuracy_reward(
     return rewards
 
 
-def format_reward(prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str], **columns) -> list[float]:
+def format_reward(
+    prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str], **columns
+) -> list[float]:
     """1.0 when the completion is ``<think>...</think>`` followed by text containing ``\\boxed{...}``."""
     return [float(_FORMAT.fullmatch(completion) is not None) for completion in completions]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cppo_lightning.batch import ORIGINAL, PromptBatch
+from cppo_lightning.batch import PromptBatch
 from cppo_lightning.models.scoring import completion_mask
 from cppo_lightning.rewards import resolve_reward_function, short_name
 
@@ -141,13 +141,17 @@ class RewardModel:
         for spec, weight in functions.items():
             name, function = resolve_reward_function(spec)
             self.functions.append((short_name(name), function, float(weight)))
-            self.paths.append(spec if isinstance(spec, str) else f"{function.__module__}.{function.__qualname__}")
+            self.paths.append(
+                spec if isinstance(spec, str) else f"{function.__module__}.{function.__qualname__}"
+            )
 
     def specification(self) -> dict[str, float]:
         """Import path -> weight (what the YAML says; callables by their qualified name)."""
         return {path: weight for path, (_, _, weight) in zip(self.paths, self.functions)}
 
-    def __call__(self, batch: PromptBatch, example_rows: Tensor, completions: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(
+        self, batch: PromptBatch, example_rows: Tensor, completions: list[str]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Rewards of completions of the batch's prompts.
 
         Args:
@@ -176,7 +180,9 @@ class RewardModel:
             try:
                 values = function(prompts, completions, **columns)
             except Exception as error:
-                raise RuntimeError(f"reward function {name!r} raised {type(error).__name__}: {error}") from error
+                raise RuntimeError(
+                    f"reward function {name!r} raised {type(error).__name__}: {error}"
+                ) from error
             values = torch.as_tensor(list(values), dtype=torch.float32)
             if values.shape != (len(completions),):
                 raise ValueError(

@@ -97,8 +97,12 @@ class WarmStartModule(pl.LightningModule):
     @override
     def configure_optimizers(self):
         self.configure_model()
-        optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, self.warmup_steps)))
+        optimizer = torch.optim.AdamW(
+            self.policy.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
+        warmup = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / max(1, self.warmup_steps))
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
     def save_pretrained(self, folder) -> None:

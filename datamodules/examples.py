@@ -185,10 +185,15 @@ class SkipReport:
         if not self.counts:
             text = f"{self.source}: kept all {self.total} examples"
         else:
-            parts = [f"{count} {reason} (e.g. {', '.join(self.examples[reason])})" for reason, count in self.counts.most_common()]
+            parts = [
+                f"{count} {reason} (e.g. {', '.join(self.examples[reason])})"
+                for reason, count in self.counts.most_common()
+            ]
             text = f"{self.source}: kept {kept} of {self.total} examples; skipped " + "; ".join(parts)
         if self.converted:
-            text += "; converted to RGB: " + ", ".join(f"{n} {mode}" for mode, n in self.converted.most_common())
+            text += "; converted to RGB: " + ", ".join(
+                f"{n} {mode}" for mode, n in self.converted.most_common()
+            )
         return text
 
 
@@ -245,7 +250,9 @@ class PromptEncoder:
             placeholder = getattr(self.processor, "image_token_id", None)
             length -= sum(1 for token in text_ids if token == placeholder)
         if self.max_prompt_tokens is not None and length > self.max_prompt_tokens:
-            raise ExampleError("prompt too long", f"{length} tokens > max_prompt_tokens={self.max_prompt_tokens}")
+            raise ExampleError(
+                "prompt too long", f"{length} tokens > max_prompt_tokens={self.max_prompt_tokens}"
+            )
         return length
 
     def encode(
@@ -270,7 +277,10 @@ class PromptEncoder:
             tokens = {key: outputs.pop(key)[0] for key in _TEXT_KEYS if key in outputs}
             if not text_inputs:
                 text_inputs = tokens
-            elif not all(key in tokens and np.array_equal(tokens[key].numpy(), value.numpy()) for key, value in text_inputs.items()):
+            elif not all(
+                key in tokens and np.array_equal(tokens[key].numpy(), value.numpy())
+                for key, value in text_inputs.items()
+            ):
                 raise ValueError(
                     f"example {example_id!r}: the {view!r} view produces a different token layout than the "
                     f"{ORIGINAL!r} view ({len(tokens['input_ids'])} vs {len(text_inputs['input_ids'])} tokens); "
@@ -290,7 +300,9 @@ class PromptEncoder:
 
 def example_ids(ids: Sequence[Any] | None, prefix: str, count: int) -> list[str]:
     """String ids: the id column's values, or ``<prefix>-<row>``; duplicates get a ``#n`` suffix."""
-    raw = [str(value) for value in ids] if ids is not None else [f"{prefix}-{row:06d}" for row in range(count)]
+    raw = (
+        [str(value) for value in ids] if ids is not None else [f"{prefix}-{row:06d}" for row in range(count)]
+    )
     seen: Counter = Counter()
     unique = []
     for value in raw:

@@ -52,7 +52,9 @@ class ResumableSampler(DistributedSampler):
         drop_last: bool = True,
         progress: EpochProgress | None = None,
     ) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         self.batch_size = batch_size
         self.progress = progress or EpochProgress()
 

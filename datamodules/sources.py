@@ -92,7 +92,9 @@ def load_source(source: DataSource) -> datasets.Dataset:
     elif path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"{source.path}: cannot read {path.suffix!r} files; use one of {sorted(_FILE_BUILDERS)}")
+            raise ValueError(
+                f"{source.path}: cannot read {path.suffix!r} files; use one of {sorted(_FILE_BUILDERS)}"
+            )
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
     elif looks_local:
         raise FileNotFoundError(f"data source {source.path!r} does not exist")
@@ -114,7 +116,9 @@ def _load_folder(path: Path, source: DataSource) -> datasets.Dataset:
     if any(path.glob("**/metadata.jsonl")) or any(path.glob("**/metadata.csv")):
         loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
         if source.split not in loaded:
-            raise FileNotFoundError(f"image folder {source.path} has splits {list(loaded)}, not {source.split!r}")
+            raise FileNotFoundError(
+                f"image folder {source.path} has splits {list(loaded)}, not {source.split!r}"
+            )
         return loaded[source.split]
     raise FileNotFoundError(
         f"{source.path} is a folder but neither a save_to_disk dataset nor an image folder with metadata.jsonl/csv"

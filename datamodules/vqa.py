@@ -253,7 +253,11 @@ class VisualQADataModule(pl.LightningDataModule):
         size = getattr(image_processor, "size", None)
         patch = getattr(image_processor, "patch_size", None) or 14
         merge = getattr(image_processor, "merge_size", None) or 1
-        pixel_bounds = (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)) if merge > 1 else (None, None)
+        pixel_bounds = (
+            (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None))
+            if merge > 1
+            else (None, None)
+        )
         return ImageLimits(
             min_pixels=self.min_pixels if self.min_pixels is not None else pixel_bounds[0],
             max_pixels=self.max_pixels if self.max_pixels is not None else pixel_bounds[1],
@@ -269,7 +273,9 @@ class VisualQADataModule(pl.LightningDataModule):
             views = getattr(module, "required_views", None) or _DEFAULT_VIEWS
         unknown = [view for view in views if view not in (ORIGINAL, PRESERVING, REMOVING, MASKED)]
         if unknown:
-            raise ValueError(f"unknown views {unknown}; choose among {[ORIGINAL, PRESERVING, REMOVING, MASKED]}")
+            raise ValueError(
+                f"unknown views {unknown}; choose among {[ORIGINAL, PRESERVING, REMOVING, MASKED]}"
+            )
         return tuple(dict.fromkeys((ORIGINAL, *views)))
 
     def _trainer_attached(self) -> bool:
@@ -282,16 +288,27 @@ class VisualQADataModule(pl.LightningDataModule):
         sources = self.val_sources if stage == "val" else self.test_sources
         return [(source.display_name, source) for source in sources]
 
-    def _build(self, stage: str, name: str, source: DataSource | datasets.Dataset, views: tuple[str, ...]) -> VQADataset:
+    def _build(
+        self, stage: str, name: str, source: DataSource | datasets.Dataset, views: tuple[str, ...]
+    ) -> VQADataset:
         if isinstance(source, DataSource):
-            dataset, column_config, image_root = load_source(source), source.columns, source.resolved_image_root()
+            dataset, column_config, image_root = (
+                load_source(source),
+                source.columns,
+                source.resolved_image_root(),
+            )
         else:
             from datamodules.sources import Columns
 
             dataset, column_config, image_root = source, Columns(), None
         columns = resolve_columns(dataset, column_config, name)
         ids = example_ids(dataset[columns["id"]] if columns["id"] else None, name, len(dataset))
-        encoder = PromptEncoder(self._load_processor(), self.prompt_template, self.system_prompt, max_prompt_tokens=self.max_prompt_tokens)
+        encoder = PromptEncoder(
+            self._load_processor(),
+            self.prompt_template,
+            self.system_prompt,
+            max_prompt_tokens=self.max_prompt_tokens,
+        )
         limits = self.image_limits()
         report = SkipReport(source=f"{stage}:{name}")
         rows = check_examples(dataset, columns, ids, encoder, limits, image_root, report, self.strict)
@@ -301,19 +318,34 @@ class VisualQADataModule(pl.LightningDataModule):
             raise ValueError(f"{report.summary()}: no usable example left")
         view_maker = None
         if stage == "train" and len(views) > 1:
-            view_maker = ViewMaker([v for v in views if v != ORIGINAL], **{v: self.pools[v] for v in views if v != ORIGINAL})
+            view_maker = ViewMaker(
+                [v for v in views if v != ORIGINAL], **{v: self.pools[v] for v in views if v != ORIGINAL}
+            )
         return VQADataset(
-            dataset, rows, [ids[r] for r in rows], columns, encoder, limits, image_root, view_maker, self.seed, self.keep_images
+            dataset,
+            rows,
+            [ids[r] for r in rows],
+            columns,
+            encoder,
+            limits,
+            image_root,
+            view_maker,
+            self.seed,
+            self.keep_images,
         )
 
     @override
     def setup(self, stage: str) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage, ())
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(
+            stage, ()
+        )
         for split in wanted:
             if split in self.datasets:
                 continue
             views = self.wanted_views() if split == "train" else (ORIGINAL,)
-            self.datasets[split] = [self._build(split, name, source, views) for name, source in self._sources(split)]
+            self.datasets[split] = [
+                self._build(split, name, source, views) for name, source in self._sources(split)
+            ]
         if stage == "fit" and not self.datasets.get("train"):
             raise ValueError("fit needs a training source: set data.train")
 
@@ -329,9 +361,18 @@ class VisualQADataModule(pl.LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"][0]
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer_attached() else (1, 0)
+        world, rank = (
+            (self.trainer.world_size, self.trainer.global_rank) if self._trainer_attached() else (1, 0)
+        )
         sampler = ResumableSampler(
-            dataset, self.batch_size, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed, drop_last=True, progress=self.progress
+            dataset,
+            self.batch_size,
+            num_replicas=world,
+            rank=rank,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            drop_last=True,
+            progress=self.progress,
         )
         batches = len(sampler) // self.batch_size
         if batches == 0:
@@ -352,7 +393,13 @@ class VisualQADataModule(pl.LightningDataModule):
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         return [
-            DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self._collate(), num_workers=self.num_workers)
+            DataLoader(
+                dataset,
+                batch_size=self.eval_batch_size,
+                shuffle=False,
+                collate_fn=self._collate(),
+                num_workers=self.num_workers,
+            )
             for dataset in self.datasets.get(split, [])
         ]
 
@@ -375,7 +422,10 @@ class VisualQADataModule(pl.LightningDataModule):
     @property
     def eval_names(self) -> dict[str, list[str]]:
         """Names of the validation and test sources, in dataloader order."""
-        return {"val": [name for name, _ in self._sources("val")], "test": [name for name, _ in self._sources("test")]}
+        return {
+            "val": [name for name, _ in self._sources("val")],
+            "test": [name for name, _ in self._sources("test")],
+        }
 
 
 class SyntheticVQADataModule(VisualQADataModule):
@@ -412,5 +462,7 @@ class SyntheticVQADataModule(VisualQADataModule):
             return []
         if stage not in self._generated:
             split = self._SPLIT_NAMES[stage]
-            self._generated[stage] = to_hf_dataset(generate_split(self.task, split, self.sizes[stage], self.data_seed))
+            self._generated[stage] = to_hf_dataset(
+                generate_split(self.task, split, self.sizes[stage], self.data_seed)
+            )
         return [(f"synthetic-{self._SPLIT_NAMES[stage]}", self._generated[stage])]

@@ -26,24 +26,42 @@ def demo_args(config, model_path, save_dir, steps=2, *overrides):
     """LightningCLI arguments that shrink a demo config to a few seconds on a CPU."""
     return [
         "fit",
-        "--config", str(ROOT / "configs" / "demo" / f"{config}.yaml"),
-        "--model.policy.model_name_or_path", str(model_path),
-        "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", str(steps),
-        "--trainer.limit_val_batches", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.logger.init_args.save_dir", str(save_dir),
-        "--data.init_args.train_size", "16",
-        "--data.init_args.val_size", "4",
-        "--data.init_args.test_size", "4",
-        "--data.init_args.batch_size", "2",
-        "--data.init_args.eval_batch_size", "4",
-        "--data.init_args.task.image_size", "112",
-        "--model.rollout.samples_per_prompt", "4",
-        "--model.rollout.max_new_tokens", "10",
-        "--model.update.micro_batch_size", "8",
-        "--model.evaluation.samples_per_question", "2",
+        "--config",
+        str(ROOT / "configs" / "demo" / f"{config}.yaml"),
+        "--model.policy.model_name_or_path",
+        str(model_path),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(steps),
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        "--data.init_args.train_size",
+        "16",
+        "--data.init_args.val_size",
+        "4",
+        "--data.init_args.test_size",
+        "4",
+        "--data.init_args.batch_size",
+        "2",
+        "--data.init_args.eval_batch_size",
+        "4",
+        "--data.init_args.task.image_size",
+        "112",
+        "--model.rollout.samples_per_prompt",
+        "4",
+        "--model.rollout.max_new_tokens",
+        "10",
+        "--model.update.micro_batch_size",
+        "8",
+        "--model.evaluation.samples_per_question",
+        "2",
         *overrides,
     ]
 
@@ -59,3 +77,83 @@ VARIED_REWARD = ["--model.reward_functions", '{"helpers.varied_reward": 1.0}']
 def answer_is_yes(prompts, completions, answers, **columns):
     """A grader that only looks at the reference answer: its mean is known without sampling."""
     return [float(answer == "yes") for answer in answers]
+
+
+# ----------------------------------------------------------------------------- a DataModule that is not ours
+
+import lightning.pytorch as pl  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from cppo_lightning.batch import EncodedPrompt, PromptBatch  # noqa: E402
+
+# Each view is one solid colour, so a picture of the views shows which one was drawn where.
+VIEW_COLOURS = {"original": (255, 0, 0), "preserving": (0, 255, 0), "removing": (0, 0, 255)}
+TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+def solid(colour, size=56):
+    """A ``size`` x ``size`` uint8 image of one colour."""
+    image = np.zeros((size, size, 3), np.uint8)
+    image[...] = colour
+    return image
+
+
+class HandWrittenDataModule(pl.LightningDataModule):
+    """A DataModule written the way another project would: the documented batch built by hand.
+
+    ``count`` prompts with solid-colour views (no albumentations, no datamodules package), answer
+    ``index % 3``; validation is the first two prompts.
+    """
+
+    def __init__(self, model_folder, count=6, batch_size=2, question="How many shapes? ({})"):
+        super().__init__()
+        from cppo_lightning.models import load_processor
+
+        processor = load_processor(model_folder)
+        self.pad = processor.tokenizer.pad_token_id
+        self.batch_size = batch_size
+        self.examples = []
+        for index in range(count):
+            text = chat_prompt(processor, question.format(index))  # the same tokens for every view
+            images = {view: solid(colour) for view, colour in VIEW_COLOURS.items()}
+            encoded = {
+                view: processor(images=[image], text=[text], return_tensors="pt")
+                for view, image in images.items()
+            }
+            self.examples.append(
+                EncodedPrompt(
+                    id=f"ex{index}",
+                    text_inputs={
+                        key: encoded["original"][key][0] for key in TEXT_KEYS if key in encoded["original"]
+                    },
+                    vision={
+                        view: {k: v for k, v in out.items() if k not in TEXT_KEYS}
+                        for view, out in encoded.items()
+                    },
+                    answer=str(index % 3),
+                    question=question.format(index),
+                    images=images,
+                )
+            )
+
+    def collate(self, examples):
+        return PromptBatch.from_examples(examples, self.pad)
+
+    def train_dataloader(self):
+        return DataLoader(self.examples, batch_size=self.batch_size, collate_fn=self.collate)
+
+    def val_dataloader(self):
+        return DataLoader(self.examples[:2], batch_size=self.batch_size, collate_fn=self.collate)
+
+
+def small_module(model_folder, objective=None, **kwargs):
+    """A CPPOModule sized for tests: G=4, 12 new tokens, one micro-batch, avg@2, a reward that varies."""
+    from cppo_lightning.models import PolicyConfig
+    from cppo_lightning.module import CPPOModule, EvaluationConfig, UpdateConfig
+    from cppo_lightning.rollout import RolloutConfig
+
+    kwargs.setdefault("rollout", RolloutConfig(samples_per_prompt=4, max_new_tokens=12))
+    kwargs.setdefault("update", UpdateConfig(micro_batch_size=8))
+    kwargs.setdefault("evaluation", EvaluationConfig(samples_per_question=2))
+    kwargs.setdefault("reward_functions", {varied_reward: 1.0})
+    return CPPOModule(policy=PolicyConfig(str(model_folder)), objective=objective, **kwargs)

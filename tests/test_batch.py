@@ -9,10 +9,18 @@ from cppo_lightning.batch import EncodedPrompt, PromptBatch
 def example(name, length, patches, views=("original", "removing")):
     return EncodedPrompt(
         id=name,
-        text_inputs={"input_ids": torch.arange(1, length + 1), "attention_mask": torch.ones(length, dtype=torch.long),
-                     "mm_token_type_ids": torch.zeros(length, dtype=torch.long)},
-        vision={view: {"pixel_values": torch.full((patches, 4), float(i)), "image_grid_thw": torch.tensor([[1, patches, 1]])}
-                for i, view in enumerate(views)},
+        text_inputs={
+            "input_ids": torch.arange(1, length + 1),
+            "attention_mask": torch.ones(length, dtype=torch.long),
+            "mm_token_type_ids": torch.zeros(length, dtype=torch.long),
+        },
+        vision={
+            view: {
+                "pixel_values": torch.full((patches, 4), float(i)),
+                "image_grid_thw": torch.tensor([[1, patches, 1]]),
+            }
+            for i, view in enumerate(views)
+        },
         answer=name.upper(),
     )
 
@@ -39,7 +47,9 @@ def test_model_inputs_repeat_rows_and_concatenate_vision():
 
 def test_bad_batches_name_the_problem():
     with pytest.raises(ValueError, match="example 'b' has views"):
-        PromptBatch.from_examples([example("a", 3, 2), example("b", 3, 2, views=("original",))], pad_token_id=0)
+        PromptBatch.from_examples(
+            [example("a", 3, 2), example("b", 3, 2, views=("original",))], pad_token_id=0
+        )
     with pytest.raises(ValueError, match="needs the 'original' view"):
         PromptBatch.from_examples([example("a", 3, 2, views=("removing",))], pad_token_id=0)
     with pytest.raises(ValueError, match="zero examples"):

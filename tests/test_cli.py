@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, VARIED_REWARD, demo_args
 
 from cli import lightning_cli, main, warmstart_cli
 from cppo_lightning.module import CPPOModule
 from cppo_lightning.objectives import CPPO, GRPO, PAPO
 from cppo_lightning.warmstart import WarmStartModule
-from datamodules import SyntheticVQADataModule, VisualQADataModule
+from datamodules import VisualQADataModule
+from helpers import ROOT, VARIED_REWARD, demo_args
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
@@ -32,8 +32,20 @@ def last_value(rows, key):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_shipped_config_validates(config):
     # GPU configs are parsed and instantiated on the CPU (nothing is loaded until fit).
-    args = ["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-            "--trainer.precision", "32-true", "--trainer.strategy", "auto", "--trainer.logger", "false"]
+    args = [
+        "--config",
+        str(config),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.strategy",
+        "auto",
+        "--trainer.logger",
+        "false",
+    ]
     if config.stem == "warmstart":
         cli = warmstart_cli(args, run=False)
         assert isinstance(cli.model, WarmStartModule) and cli.model.policy_config.finetuning == "full"
@@ -54,7 +66,9 @@ def test_every_shipped_config_validates(config):
 
 def test_unknown_config_key_is_rejected(capsys):
     with pytest.raises(SystemExit):
-        lightning_cli(["fit", "--config", str(CONFIGS[0]), "--model.rollout.samples_per_promt", "4"], run=False)
+        lightning_cli(
+            ["fit", "--config", str(CONFIGS[0]), "--model.rollout.samples_per_promt", "4"], run=False
+        )
     assert "samples_per_promt" in capsys.readouterr().err
 
 
@@ -89,8 +103,18 @@ def test_cppo_on_the_second_architecture(tiny_llava, tmp_path):
 
 
 def test_qlora_fit_for_a_couple_of_steps(tiny_qwen, tmp_path):
-    cli = lightning_cli(demo_args("cppo", tiny_qwen, tmp_path, 2, "--model.policy.finetuning", "qlora",
-                                  "--model.policy.bnb_4bit_compute_dtype", "float32"))
+    cli = lightning_cli(
+        demo_args(
+            "cppo",
+            tiny_qwen,
+            tmp_path,
+            2,
+            "--model.policy.finetuning",
+            "qlora",
+            "--model.policy.bnb_4bit_compute_dtype",
+            "float32",
+        )
+    )
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in cli.model.policy.model.modules())
@@ -99,8 +123,19 @@ def test_qlora_fit_for_a_couple_of_steps(tiny_qwen, tmp_path):
 
 
 def test_full_finetuning_uses_a_frozen_reference(tiny_qwen, tmp_path):
-    cli = lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 2, "--model.policy.finetuning", "full",
-                                  "--model.optimizer.init_args.lr", "1e-3", *VARIED_REWARD))
+    cli = lightning_cli(
+        demo_args(
+            "grpo",
+            tiny_qwen,
+            tmp_path,
+            2,
+            "--model.policy.finetuning",
+            "full",
+            "--model.optimizer.init_args.lr",
+            "1e-3",
+            *VARIED_REWARD,
+        )
+    )
     policy = cli.model.policy
     assert policy.reference_mode == "frozen_copy" and cli.model.reference_forwards > 0
     trained = dict(policy.model.named_parameters())
@@ -140,10 +175,12 @@ def test_validate_and_test_report_avg_at_k(tiny_qwen, tmp_path):
 def test_export_merges_the_adapter_into_a_plain_transformers_model(tiny_qwen, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from helpers import encode
     from cppo_lightning.models.scoring import completion_logits
+    from helpers import encode
 
-    cli = lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 2, "--model.optimizer.init_args.lr", "5e-2", *VARIED_REWARD))
+    cli = lightning_cli(
+        demo_args("grpo", tiny_qwen, tmp_path, 2, "--model.optimizer.init_args.lr", "5e-2", *VARIED_REWARD)
+    )
     adapter = next(tmp_path.rglob("adapter_config.json")).parent
     assert main(["export", str(adapter), str(tmp_path / "merged")]) == 0
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
@@ -164,12 +201,18 @@ def test_the_real_cppo_command(tiny_qwen, tmp_path):
     """`cppo fit --config configs/demo/cppo.yaml` as a user types it (the console script)."""
     executable = os.path.join(os.path.dirname(sys.executable), "cppo")
     result = subprocess.run(
-        [executable, *demo_args("cppo", tiny_qwen, tmp_path, 2)], capture_output=True, text=True, timeout=300,
+        [executable, *demo_args("cppo", tiny_qwen, tmp_path, 2)],
+        capture_output=True,
+        text=True,
+        timeout=300,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_value(read_metrics(tmp_path), "train/cpl") is not None
-    assert next(tmp_path.rglob("config.yaml")).read_text().count("class_path: cppo_lightning.objectives.CPPO") == 1
+    assert (
+        next(tmp_path.rglob("config.yaml")).read_text().count("class_path: cppo_lightning.objectives.CPPO")
+        == 1
+    )
 
 
 def test_checkpoint_hyperparameters_are_plain_data(tiny_qwen, tmp_path):
@@ -181,7 +224,8 @@ def test_checkpoint_hyperparameters_are_plain_data(tiny_qwen, tmp_path):
     assert isinstance(module.objective, CPPO) and module.objective.tau == 0.2
     assert module.policy_config.model_name_or_path == str(tiny_qwen)
     assert module.reward_model.specification() == {
-        "cppo_lightning.rewards.accuracy_reward": 0.9, "cppo_lightning.rewards.format_reward": 0.1,
+        "cppo_lightning.rewards.accuracy_reward": 0.9,
+        "cppo_lightning.rewards.format_reward": 0.1,
     }
 
 
@@ -189,6 +233,8 @@ def test_demo_configs_train_on_the_task_the_warm_start_learned():
     import yaml
 
     def task(name):
-        return yaml.safe_load((ROOT / "configs" / "demo" / f"{name}.yaml").read_text())["data"]["init_args"]["task"]
+        return yaml.safe_load((ROOT / "configs" / "demo" / f"{name}.yaml").read_text())["data"]["init_args"][
+            "task"
+        ]
 
     assert task("cppo") == task("grpo") == task("papo") == task("warmstart")

@@ -8,24 +8,36 @@ from cli import main
 
 
 def test_demo_pipeline_in_miniature(tiny_qwen, tmp_path, capsys):
-    small_data = (" --data.init_args.train_size 32 --data.init_args.val_size 4 --data.init_args.batch_size 2"
-                  " --data.init_args.task.image_size 56")
-    warm_args = f"--model.policy.model_name_or_path {tiny_qwen} --trainer.max_steps 3 --trainer.val_check_interval 3" + small_data
-    fit_args = ("--trainer.max_steps 2 --trainer.val_check_interval 2 --data.init_args.test_size 4"
-                " --data.init_args.eval_batch_size 4 --model.rollout.samples_per_prompt 4 --model.rollout.max_new_tokens 8"
-                " --model.update.micro_batch_size 8 --model.evaluation.samples_per_question 2" + small_data)
+    small_data = (
+        " --data.init_args.train_size 32 --data.init_args.val_size 4 --data.init_args.batch_size 2"
+        " --data.init_args.task.image_size 56"
+    )
+    warm_args = (
+        f"--model.policy.model_name_or_path {tiny_qwen} --trainer.max_steps 3 --trainer.val_check_interval 3"
+        + small_data
+    )
+    fit_args = (
+        "--trainer.max_steps 2 --trainer.val_check_interval 2 --data.init_args.test_size 4"
+        " --data.init_args.eval_batch_size 4 --model.rollout.samples_per_prompt 4 --model.rollout.max_new_tokens 8"
+        " --model.update.micro_batch_size 8 --model.evaluation.samples_per_question 2" + small_data
+    )
     argv = ["demo", "--output", str(tmp_path), "--warmstart-args", warm_args, "--fit-args", fit_args]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0.0 <= summary["warm_start_avg_at_k"] <= 1.0 and 0.0 <= summary["trained_avg_at_k"] <= 1.0
     run = tmp_path / "cppo" / "version_0"
     assert summary["run"] == str(run)
-    for artefact in ("config.yaml", "metrics.csv", "checkpoints/last.ckpt", "checkpoints/adapter/adapter_config.json"):
+    for artefact in (
+        "config.yaml",
+        "metrics.csv",
+        "checkpoints/last.ckpt",
+        "checkpoints/adapter/adapter_config.json",
+    ):
         assert (run / artefact).exists(), artefact
     assert Image.open(run / "curves.png").size[0] > 0
     # The visualisation callback of the demo config draws on validation (and every 20 steps).
     assert list((run / "perception").glob("*step_*.html")) and list((run / "perception").glob("*step_*.png"))
-    assert (tmp_path / "warmstart" / "config.json").exists()
+    assert (tmp_path / "warmstart" / "model" / "config.json").exists()
     assert "held-out avg@k: warm start" in capsys.readouterr().out
 
     # A second demo reuses the warm start made from the same config.

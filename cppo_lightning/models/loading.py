@@ -140,7 +140,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         if not path.is_dir():
             raise FileNotFoundError(f"model path {name!r} does not exist (or is not a folder)")
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model folder {name!r} has no config.json: not a transformers checkpoint")
+            raise FileNotFoundError(
+                f"model folder {name!r} has no config.json: not a transformers checkpoint"
+            )
         return str(path)
     return name
 
@@ -184,7 +186,9 @@ def lora_target_names(model: nn.Module, lora: LoRAConfig) -> list[str]:
     try:
         pattern = re.compile(lora.target_regex())
     except re.error as error:
-        raise ValueError(f"LoRA target_modules is not a valid regex: {lora.target_modules!r} ({error})") from None
+        raise ValueError(
+            f"LoRA target_modules is not a valid regex: {lora.target_modules!r} ({error})"
+        ) from None
     linear = linear_layer_names(model)
     targets = [name for name in linear if pattern.fullmatch(name)]
     if not targets:
@@ -204,9 +208,7 @@ def _disable_cpu_bf16_repacking(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_model(
-    config: PolicyConfig, device_map: str | dict | torch.device | None = None
-):
+def load_model(config: PolicyConfig, device_map: str | dict | torch.device | None = None):
     """Load the base ``AutoModelForImageTextToText`` (4-bit under ``qlora``), without adapters.
 
     Raises:
@@ -216,7 +218,9 @@ def load_model(
     from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
 
     path = resolve_model_path(config.model_name_or_path)
-    hf_config = AutoConfig.from_pretrained(path, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(
+        path, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
     kwargs: dict = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
     kwargs["dtype"] = torch_dtype(config.dtype)
     if config.attn_implementation:

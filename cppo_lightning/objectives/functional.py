@@ -70,9 +70,7 @@ def check_finite(name: str, tensor: Tensor) -> None:
     if not bool(finite.all()):
         count = int((~finite).sum())
         noun = "value" if count == 1 else "values"
-        raise NonFiniteError(
-            f"{name} has {count} non-finite {noun} (NaN or inf) out of {tensor.numel()}"
-        )
+        raise NonFiniteError(f"{name} has {count} non-finite {noun} (NaN or inf) out of {tensor.numel()}")
 
 
 def check_same_shape(**tensors: Tensor) -> None:
@@ -137,9 +135,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "std") -> Te
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     if rewards.numel() % group_size != 0:
-        raise ValueError(
-            f"group_size {group_size} does not divide the number of rewards {rewards.numel()}"
-        )
+        raise ValueError(f"group_size {group_size} does not divide the number of rewards {rewards.numel()}")
     check_finite("rewards", rewards)
     if not rewards.is_floating_point():
         rewards = rewards.float()

@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 
-
 @dataclass
 class ViewRequest:
     """What an objective needs from one perturbed image view.
@@ -334,10 +333,17 @@ class Objective:
             if "__init__" not in vars(klass) or not issubclass(klass, Objective):
                 continue
             parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
-            names += [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in names]
+            names += [
+                p.name
+                for p in parameters
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in names
+            ]
             if not any(p.kind == p.VAR_KEYWORD for p in parameters):
                 break
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(self, n) for n in names}}
+        return {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {n: getattr(self, n) for n in names},
+        }
 
     @staticmethod
     def from_config(config: dict[str, Any]) -> Objective:

@@ -14,85 +14,16 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
-from torch.utils.data import DataLoader
 
 import callbacks.perception as perception
 from callbacks import PerceptionTokenVisualizer
-from cppo_lightning.batch import EncodedPrompt, PromptBatch
-from cppo_lightning.models import PolicyConfig, chat_prompt, load_processor
-from cppo_lightning.module import CPPOModule, EvaluationConfig, UpdateConfig
+from cppo_lightning.module import CPPOModule
 from cppo_lightning.objectives import CPPO
 from cppo_lightning.rewards import extract_boxed
-from cppo_lightning.rollout import RolloutConfig
+from helpers import VIEW_COLOURS, HandWrittenDataModule, small_module
 
-# Each view is one solid colour, so the PNG test can find where each was drawn.
-VIEW_COLOURS = {"original": (255, 0, 0), "preserving": (0, 255, 0), "removing": (0, 0, 255)}
 # Markup in the question: the page must escape it.
 QUESTION = "How many shapes <b>&amp; {}?"
-TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
-
-
-def solid(colour, size=56):
-    image = np.zeros((size, size, 3), np.uint8)
-    image[...] = colour
-    return image
-
-
-def varied_reward(prompts, completions, answers, **columns):
-    """Differs between samples of a random tiny model, so advantages are not all zero."""
-    return [float(len(completion) % 3) for completion in completions]
-
-
-class TinyData(pl.LightningDataModule):
-    """``count`` prompts, 2 per batch, each with the three views and raw images."""
-
-    batch_size = 2
-
-    def __init__(self, model_folder, count=6):
-        super().__init__()
-        processor = load_processor(model_folder)
-        self.pad = processor.tokenizer.pad_token_id
-        self.examples = []
-        for index in range(count):
-            text = chat_prompt(processor, QUESTION.format(index))  # the same tokens for every view
-            images = {view: solid(colour) for view, colour in VIEW_COLOURS.items()}
-            encoded = {}
-            for view, image in images.items():
-                encoded[view] = processor(images=[image], text=[text], return_tensors="pt")
-            original = encoded["original"]
-            self.examples.append(
-                EncodedPrompt(
-                    id=f"ex{index}",
-                    text_inputs={key: original[key][0] for key in TEXT_KEYS if key in original},
-                    vision={
-                        view: {key: value for key, value in out.items() if key not in TEXT_KEYS}
-                        for view, out in encoded.items()
-                    },
-                    answer=str(index % 3),
-                    question=QUESTION.format(index),
-                    images=images,
-                )
-            )
-
-    def collate(self, examples):
-        return PromptBatch.from_examples(examples, self.pad)
-
-    def train_dataloader(self):
-        return DataLoader(self.examples, batch_size=self.batch_size, collate_fn=self.collate)
-
-    def val_dataloader(self):
-        return DataLoader(self.examples[:2], batch_size=self.batch_size, collate_fn=self.collate)
-
-
-def tiny_module(model_folder, objective):
-    return CPPOModule(
-        policy=PolicyConfig(str(model_folder)),
-        objective=objective,
-        rollout=RolloutConfig(samples_per_prompt=4, max_new_tokens=12),
-        update=UpdateConfig(micro_batch_size=8),
-        evaluation=EvaluationConfig(samples_per_question=2),
-        reward_functions={varied_reward: 1.0},
-    )
 
 
 @dataclass
@@ -109,7 +40,7 @@ def cppo_run(tiny_qwen, tmp_path_factory):
     """Three CPPO steps (G=4, 2 prompts per step) drawn at every step, then one validation; beside it a
     visualizer due every 1000 steps, and a spy on the renderer."""
     root = tmp_path_factory.mktemp("perception-run")
-    module = tiny_module(tiny_qwen, CPPO())
+    module = small_module(tiny_qwen, CPPO())
     idle = PerceptionTokenVisualizer(every_n_steps=1000, on_validation=False, output_dir=root / "idle")
     run = Run(None, module, [], [], root / "idle")
     render = perception.render_perception
@@ -137,7 +68,7 @@ def cppo_run(tiny_qwen, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(perception, "render_perception", spy)
         patch.setattr(idle, "on_train_batch_end", timed_idle_hook)
-        run.trainer.fit(module, datamodule=TinyData(tiny_qwen))
+        run.trainer.fit(module, datamodule=HandWrittenDataModule(tiny_qwen, question=QUESTION))
     return run
 
 

@@ -8,19 +8,19 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-# The tiny data module and module builder live beside the perception tests (one definition for all).
-from test_perception import TinyData, tiny_module
-
 from callbacks import plot_runs
 from callbacks.plots import main, read_metrics, runs_figure, smoothed
 from cppo_lightning.objectives import CPPO, GRPO
+
+# The tiny data module and module builder live beside the perception tests (one definition for all).
+from helpers import HandWrittenDataModule, small_module
 
 
 @pytest.fixture(scope="module")
 def two_runs(tiny_qwen, tmp_path_factory):
     """``<root>/cppo`` and ``<root>/grpo``: two steps each, metrics logged at every step."""
     root = tmp_path_factory.mktemp("runs")
-    data = TinyData(tiny_qwen, count=4)
+    data = HandWrittenDataModule(tiny_qwen, count=4)
     for name, objective in (("cppo", CPPO()), ("grpo", GRPO(beta=0.0))):
         trainer = pl.Trainer(
             max_steps=2,
@@ -31,7 +31,7 @@ def two_runs(tiny_qwen, tmp_path_factory):
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(tiny_module(tiny_qwen, objective), datamodule=data)
+        trainer.fit(small_module(tiny_qwen, objective), datamodule=data)
     return root / "cppo", root / "grpo"
 
 
@@ -123,8 +123,10 @@ def test_groups_figure_draws_the_mean_over_seeds(tmp_path):
         (folder / "metrics.csv").write_text("epoch,step,train/accuracy\n" + rows + "\n")
         return folder
 
-    groups = {"GRPO": [run("g0", [0.0, 0.2, 0.4, 0.6, 0.8]), run("g1", [0.2, 0.4, 0.6, 0.8, 1.0])],
-              "CPPO": [run("c0", [0.5] * 5)]}
+    groups = {
+        "GRPO": [run("g0", [0.0, 0.2, 0.4, 0.6, 0.8]), run("g1", [0.2, 0.4, 0.6, 0.8, 1.0])],
+        "CPPO": [run("c0", [0.5] * 5)],
+    }
     figure = groups_figure(groups, metrics=("train/accuracy",), smooth=1)
     lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
     assert set(lines) == {"GRPO (n=2)", "CPPO (n=1)"}

@@ -9,14 +9,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.loggers import CSVLogger
+from test_perception import parse_page
 from torch.utils.data import DistributedSampler
-
-# The tiny data module and module builder live beside the perception tests (one definition for all).
-from test_perception import TinyData, parse_page, tiny_module
 
 import callbacks.perception as perception
 from callbacks import PerceptionTokenVisualizer, RolloutSamplesLogger, ThroughputMonitor
 from cppo_lightning.objectives import CPPO
+
+# The tiny data module and module builder live beside the perception tests (one definition for all).
+from helpers import HandWrittenDataModule, small_module
 
 
 class RenderSpy(pl.Callback):
@@ -62,7 +63,7 @@ def test_only_rank_zero_writes_under_ddp(tiny_qwen, tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(tiny_module(tiny_qwen, CPPO()), datamodule=TinyData(tiny_qwen, count=8))
+    trainer.fit(small_module(tiny_qwen, CPPO()), datamodule=HandWrittenDataModule(tiny_qwen, count=8))
     # 8 prompts: Lightning's distributed sampler (shuffled, seed 0) gives each rank four, two steps' worth.
     sampler = DistributedSampler(range(8), num_replicas=2, rank=0, shuffle=True, seed=0)
     rank_zero_ids = {f"ex{index}" for index in sampler}
@@ -71,7 +72,10 @@ def test_only_rank_zero_writes_under_ddp(tiny_qwen, tmp_path):
     run = tmp_path / "run" / "version_0"
     assert sorted(p.name for p in calls.iterdir()) == ["rank0-step_000000", "rank0-step_000001"]
     assert sorted(p.name for p in (run / "perception").iterdir()) == [
-        "step_000000.html", "step_000000.png", "step_000001.html", "step_000001.png",
+        "step_000000.html",
+        "step_000000.png",
+        "step_000001.html",
+        "step_000001.png",
     ]
     for page in ("step_000000.html", "step_000001.html"):
         text = (run / "perception" / page).read_text(encoding="utf-8")

@@ -8,12 +8,12 @@ import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.loggers import CSVLogger
 
-# The tiny data module and module builder live beside the perception tests (one definition for all).
-from test_perception import TinyData, tiny_module
-
 from callbacks import RolloutSamplesLogger
 from cppo_lightning.objectives import GRPO
 from cppo_lightning.rewards import extract_boxed
+
+# The tiny data module and module builder live beside the perception tests (one definition for all).
+from helpers import HandWrittenDataModule, small_module
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def logged_run(tiny_qwen, tmp_path_factory):
     every_other = RolloutSamplesLogger(every_n_steps=2, max_rows_per_step=6)
     # The same rows, but room for a few lines only (a line is a few hundred bytes here).
     capped = RolloutSamplesLogger(every_n_steps=2, max_rows_per_step=6, max_bytes=1200, output_dir=capped_dir)
-    module = tiny_module(tiny_qwen, GRPO(beta=0.0))
+    module = small_module(tiny_qwen, GRPO(beta=0.0))
     trainer = pl.Trainer(
         max_steps=4,
         logger=CSVLogger(root, name="run"),
@@ -40,7 +40,7 @@ def logged_run(tiny_qwen, tmp_path_factory):
     logger = logging.getLogger("callbacks.rollout_log")
     logger.addHandler(handler)
     try:
-        trainer.fit(module, datamodule=TinyData(tiny_qwen, count=8))
+        trainer.fit(module, datamodule=HandWrittenDataModule(tiny_qwen, count=8))
     finally:
         logger.removeHandler(handler)
     return trainer, module, capped_dir / "rollouts.jsonl", records

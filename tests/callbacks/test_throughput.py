@@ -9,11 +9,11 @@ import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.loggers import CSVLogger
 
-# The tiny data module and module builder live beside the perception tests (one definition for all).
-from test_perception import TinyData, tiny_module
-
 from callbacks import ThroughputMonitor
 from cppo_lightning.objectives import GRPO
+
+# The tiny data module and module builder live beside the perception tests (one definition for all).
+from helpers import HandWrittenDataModule, small_module
 
 
 def peak_rss_gib():
@@ -35,11 +35,10 @@ def monitored_run(tiny_qwen, tmp_path_factory):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(tiny_module(tiny_qwen, GRPO(beta=0.0)), datamodule=TinyData(tiny_qwen))
+    trainer.fit(small_module(tiny_qwen, GRPO(beta=0.0)), datamodule=HandWrittenDataModule(tiny_qwen))
     with Path(trainer.log_dir, "metrics.csv").open(newline="") as file:
         rows = [
-            {key: float(value) for key, value in row.items() if value != ""}
-            for row in csv.DictReader(file)
+            {key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(file)
         ]
     return [row for row in rows if "time/rollout_s" in row], before, peak_rss_gib()
 

@@ -261,8 +261,18 @@ def test_same_key_same_view_new_epoch_new_view():
 def test_seed_and_view_name_change_the_draw():
     a = derive_view_seeds(0, 0, "ex", PRESERVING)
     assert a == derive_view_seeds(0, 0, "ex", PRESERVING)
-    assert len({a, derive_view_seeds(0, 0, "ex", REMOVING), derive_view_seeds(1, 0, "ex", PRESERVING),
-                derive_view_seeds(0, 1, "ex", PRESERVING), derive_view_seeds(0, 0, "ex2", PRESERVING)}) == 5
+    assert (
+        len(
+            {
+                a,
+                derive_view_seeds(0, 0, "ex", REMOVING),
+                derive_view_seeds(1, 0, "ex", PRESERVING),
+                derive_view_seeds(0, 1, "ex", PRESERVING),
+                derive_view_seeds(0, 0, "ex2", PRESERVING),
+            }
+        )
+        == 5
+    )
     # Keys are not confused by the separator: ("1", "23") and ("12", "3") are different examples.
     assert derive_view_seeds(1, 23, "x", "v") != derive_view_seeds(12, 3, "x", "v")
 

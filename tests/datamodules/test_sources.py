@@ -26,7 +26,8 @@ def pixels(seed):
 
 def rows(count, start=0):
     return [
-        {"id": f"ex-{i}", "question": f"How many circles in {i}?", "answer": str(i)} for i in range(start, start + count)
+        {"id": f"ex-{i}", "question": f"How many circles in {i}?", "answer": str(i)}
+        for i in range(start, start + count)
     ]
 
 
@@ -49,8 +50,14 @@ def assert_examples(batch, count, start=0):
 
 
 def embedded(count, start=0):
-    features = datasets.Features({"id": datasets.Value("string"), "question": datasets.Value("string"),
-                                  "answer": datasets.Value("string"), "image": datasets.Image()})
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "image": datasets.Image(),
+        }
+    )
     data = rows(count, start)
     for row, example in enumerate(data):
         example["image"] = Image.fromarray(pixels(start + row))
@@ -136,11 +143,16 @@ def test_virl39k_schema_works_without_configuring_columns(tiny_qwen, tmp_path, i
         data["PassRate_32BTrained"].append(0.25 * row)
     features = None
     if images == "embedded":
-        features = datasets.Features({
-            "question": datasets.Value("string"), "answer": datasets.Value("string"),
-            "image": datasets.List(datasets.Image()), "qid": datasets.Value("string"),
-            "category": datasets.Value("string"), "PassRate_32BTrained": datasets.Value("float64"),
-        })
+        features = datasets.Features(
+            {
+                "question": datasets.Value("string"),
+                "answer": datasets.Value("string"),
+                "image": datasets.List(datasets.Image()),
+                "qid": datasets.Value("string"),
+                "category": datasets.Value("string"),
+                "PassRate_32BTrained": datasets.Value("float64"),
+            }
+        )
     datasets.Dataset.from_dict(data, features=features).to_parquet(str(tmp_path / "39Krelease.parquet"))
 
     batch = first_batch(DataSource(path=str(tmp_path / "39Krelease.parquet")), tiny_qwen, 2)

@@ -266,7 +266,10 @@ def test_export_round_trips_through_load_from_disk(tmp_path, monkeypatch):
         assert loaded[split].features == FEATURES and len(loaded[split]) == n == len(saved[split])
         for row, example in zip(loaded[split], generate_split(config, split, n, seed=7), strict=True):
             assert (row["id"], row["question"], row["answer"], row["family"]) == (
-                example["id"], example["question"], example["answer"], example["family"]
+                example["id"],
+                example["question"],
+                example["answer"],
+                example["family"],
             )
             np.testing.assert_array_equal(pixels(row["image"]), pixels(example["image"]))
     provenance = json.loads((tmp_path / "synthetic" / "synthetic_task.json").read_text())

@@ -38,8 +38,12 @@ def write_parquet(path, count, start=0, order=None):
         "answer": [str(i % 4) for i in order],
     }
     features = datasets.Features(
-        {"id": datasets.Value("string"), "image": datasets.Image(), "question": datasets.Value("string"),
-         "answer": datasets.Value("string")}
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+        }
     )
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
     return path
@@ -106,7 +110,9 @@ def test_a_view_of_another_size_is_refused_naming_the_example(tiny_qwen):
     encoder = PromptEncoder(load_processor(str(tiny_qwen)), "{question}")
     image = np.zeros((56, 56, 3), np.uint8)
     taller = np.zeros((112, 56, 3), np.uint8)
-    with pytest.raises(ValueError, match=r"example 'q-7': the 'removing' view produces a different token layout"):
+    with pytest.raises(
+        ValueError, match=r"example 'q-7': the 'removing' view produces a different token layout"
+    ):
         encoder.encode("q-7", {ORIGINAL: image, REMOVING: taller}, "How many?", "1")
 
 
@@ -141,10 +147,13 @@ def test_each_epoch_draws_new_views_of_the_same_image(tiny_qwen, parquet_source)
     by_epoch = []
     for epoch in (0, 1):
         batches = train_batches(dm, epoch)
-        by_epoch.append({
-            example_id: {view: batch.vision[view][row]["pixel_values"] for view in batch.views}
-            for batch in batches for row, example_id in enumerate(batch.ids)
-        })
+        by_epoch.append(
+            {
+                example_id: {view: batch.vision[view][row]["pixel_values"] for view in batch.views}
+                for batch in batches
+                for row, example_id in enumerate(batch.ids)
+            }
+        )
         # The epoch reaches the dataset (in any worker) through the (index, epoch) pairs the sampler yields.
         sampler = dm.train_dataloader().sampler
         assert {epoch_of for _, epoch_of in sampler} == {epoch}
@@ -215,16 +224,23 @@ BAD_CASES = {
     "missing-file": ({"image": ["images/nowhere.png"]}, "unreadable image", "nowhere.png' does not exist"),
     "bomb": ({"image": ["images/bomb.png"]}, "unreadable image", "DecompressionBombError"),
     "two-images": (
-        {"image": ["images/good.png", "images/second.png"]}, "several images", "2 images where one is expected"
+        {"image": ["images/good.png", "images/second.png"]},
+        "several images",
+        "2 images where one is expected",
     ),
     "too-long": ({"question": LONG_QUESTION}, "prompt too long", "max_prompt_tokens=80"),
     # Skipped for its length: its RGBA image is not counted among the conversions.
     "rgba-too-long": (
-        {"question": LONG_QUESTION, "image": ["images/rgba.png"]}, "prompt too long", "max_prompt_tokens=80"
+        {"question": LONG_QUESTION, "image": ["images/rgba.png"]},
+        "prompt too long",
+        "max_prompt_tokens=80",
     ),
 }
-CONVERTED = {"gray": ({"image": ["images/gray.png"]}, "L"), "rgba": ({"image": ["images/rgba.png"]}, "RGBA"),
-             "palette": ({"image": ["images/palette.png"]}, "P")}
+CONVERTED = {
+    "gray": ({"image": ["images/gray.png"]}, "L"),
+    "rgba": ({"image": ["images/rgba.png"]}, "RGBA"),
+    "palette": ({"image": ["images/palette.png"]}, "P"),
+}
 
 
 @pytest.fixture
@@ -234,8 +250,12 @@ def pixel_guard(monkeypatch):
 
 
 def test_bad_examples_are_counted_logged_and_odd_modes_converted(tiny_qwen, tmp_path, caplog, pixel_guard):
-    cases = [("good-1", {}), *((name, fields) for name, (fields, _, _) in BAD_CASES.items()),
-             *((name, fields) for name, (fields, _) in CONVERTED.items()), ("good-2", {})]
+    cases = [
+        ("good-1", {}),
+        *((name, fields) for name, (fields, _, _) in BAD_CASES.items()),
+        *((name, fields) for name, (fields, _) in CONVERTED.items()),
+        ("good-2", {}),
+    ]
     source = write_bad_jsonl(tmp_path / "bad", cases)
     dm = datamodule(
         source, tiny_qwen, prompt_template="{question}", max_prompt_tokens=80, batch_size=5, shuffle=False
@@ -246,7 +266,10 @@ def test_bad_examples_are_counted_logged_and_odd_modes_converted(tiny_qwen, tmp_
     report = dm.skip_reports[0]
     assert report.total == 13 and report.skipped == 8
     assert report.counts == {
-        "missing answer": 2, "unreadable image": 3, "several images": 1, "prompt too long": 2
+        "missing answer": 2,
+        "unreadable image": 3,
+        "several images": 1,
+        "prompt too long": 2,
     }
     assert report.converted == {"L": 1, "RGBA": 1, "P": 1}
     assert report.summary() == (
@@ -304,8 +327,14 @@ def test_truncated_bytes_embedded_in_parquet_are_a_counted_skip(tiny_qwen, tmp_p
         "question": ["How many?"] * 2,
         "answer": ["1"] * 2,
     }
-    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
-                                  "question": datasets.Value("string"), "answer": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+        }
+    )
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "cut.parquet"))
     dm = datamodule(DataSource(path=str(tmp_path / "cut.parquet")), tiny_qwen, batch_size=1)
     with caplog.at_level(logging.WARNING, logger="datamodules.vqa"):
@@ -328,7 +357,9 @@ def test_prompt_limit_counts_exactly_the_tokens_the_model_sees(tiny_vlm):
     # max_prompt_tokens tokens is kept, one more is a skip.
     processor = load_processor(str(tiny_vlm))
     image = noise_image(0, (56, 112))
-    encoded = PromptEncoder(processor, "{question}").encode("x", {ORIGINAL: np.asarray(image)}, "How many?", "1")
+    encoded = PromptEncoder(processor, "{question}").encode(
+        "x", {ORIGINAL: np.asarray(image)}, "How many?", "1"
+    )
     length = len(encoded.text_inputs["input_ids"])
 
     def check(limit):
@@ -382,7 +413,9 @@ def test_huge_and_tiny_images_are_resized_not_dropped(tiny_qwen, tmp_path):
     assert dm.skip_reports[0].skipped == 0
     (batch,) = train_batches(dm)
     sizes = {name: batch.images[ORIGINAL][row].shape[:2] for row, name in enumerate(batch.ids)}
-    grids = {name: batch.vision[ORIGINAL][row]["image_grid_thw"].tolist() for row, name in enumerate(batch.ids)}
+    grids = {
+        name: batch.vision[ORIGINAL][row]["image_grid_thw"].tolist() for row, name in enumerate(batch.ids)
+    }
     assert sizes["huge"] == (168, 252) and grids["huge"] == [[1, 12, 18]]
     assert sizes["tiny"] == (56, 56) and grids["tiny"] == [[1, 4, 4]]
     assert sizes["huge"][0] * sizes["huge"][1] <= 50176
@@ -452,8 +485,15 @@ def test_a_real_fit_hands_the_module_its_views(tiny_qwen, parquet_source):
         update=UpdateConfig(micro_batch_size=4),
     )
     record = RecordViews()
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
     trainer.fit(module, datamodule=datamodule(parquet_source, tiny_qwen, batch_size=2))
     assert record.views == [(ORIGINAL, MASKED)]
 
@@ -479,10 +519,17 @@ class Keys(torch.utils.data.Dataset):
 def index_loader(size, batch_size, rank=0, replicas=1, progress=None):
     progress = progress or EpochProgress()
     dataset = Keys(size)
-    sampler = ResumableSampler(dataset, batch_size, num_replicas=replicas, rank=rank, seed=7, progress=progress)
+    sampler = ResumableSampler(
+        dataset, batch_size, num_replicas=replicas, rank=rank, seed=7, progress=progress
+    )
     return ResumableDataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=list,
-        progress=progress, batches_per_epoch=len(sampler) // batch_size,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=list,
+        progress=progress,
+        batches_per_epoch=len(sampler) // batch_size,
     )
 
 
@@ -526,7 +573,8 @@ def test_resume_after_a_complete_epoch_starts_the_next_one():
 def test_two_ranks_get_disjoint_shards_that_cover_the_dataset():
     for epoch in (0, 1):
         shards = [
-            [i for batch in epoch_batches(index_loader(12, 3, rank, 2), epoch) for i, _ in batch] for rank in (0, 1)
+            [i for batch in epoch_batches(index_loader(12, 3, rank, 2), epoch) for i, _ in batch]
+            for rank in (0, 1)
         ]
         assert len(shards[0]) == len(shards[1]) == 6
         assert not set(shards[0]) & set(shards[1])
@@ -560,8 +608,13 @@ def test_a_resumed_trainer_sees_exactly_the_batches_it_did_not_train_on(tiny_qwe
     def fit(steps, ckpt_path=None, callbacks=()):
         module = RecordIds()
         trainer = pl.Trainer(
-            max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=bool(callbacks),
-            callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False,
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=bool(callbacks),
+            callbacks=list(callbacks),
+            enable_progress_bar=False,
+            enable_model_summary=False,
         )
         dm = datamodule(parquet_source, tiny_qwen, batch_size=2, views=["original"])
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)

@@ -4,7 +4,6 @@ import re
 
 import pytest
 import torch
-from helpers import encode
 
 from cppo_lightning.models import (
     LANGUAGE_MODEL_TARGETS,
@@ -15,11 +14,14 @@ from cppo_lightning.models import (
     vision_tower,
 )
 from cppo_lightning.models.scoring import completion_logits
+from helpers import encode
 
 
 def lora_layers(model):
     """Names of the modules that received a LoRA adapter."""
-    return sorted({name.rsplit(".lora_A", 1)[0] for name, _ in model.named_modules() if name.endswith(".lora_A")})
+    return sorted(
+        {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_modules() if name.endswith(".lora_A")}
+    )
 
 
 def fixed_batch(policy, length=6, seed=0):
@@ -82,7 +84,9 @@ def test_disabled_adapters_give_the_base_model_exactly_after_training(tiny_vlm):
 
 
 def test_full_finetuning_keeps_a_frozen_reference(tiny_qwen):
-    policy = load_policy(PolicyConfig(model_name_or_path=str(tiny_qwen), finetuning="full", freeze_vision_tower=True))
+    policy = load_policy(
+        PolicyConfig(model_name_or_path=str(tiny_qwen), finetuning="full", freeze_vision_tower=True)
+    )
     assert policy.reference_mode == "frozen_copy"
     assert not any(p.requires_grad for p in vision_tower(policy.model).parameters())
     assert not any(p.requires_grad for p in policy.reference_model.parameters())
@@ -131,8 +135,16 @@ def test_missing_path_is_a_clear_error(tmp_path):
 def test_text_only_model_is_rejected(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not a vision-language model"):
         load_policy(PolicyConfig(model_name_or_path=str(tmp_path)))
 

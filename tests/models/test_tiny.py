@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import encode
 
 from cppo_lightning.models import PolicyConfig, build_tiny_vlm, load_policy, load_processor, resolve_tiny_spec
 from cppo_lightning.models.tiny import SIZES
+from helpers import encode
 
 
 def test_each_architecture_reloads_and_generates(tiny_vlm):
@@ -56,7 +56,10 @@ def test_demo_size_has_a_few_million_parameters(tmp_path):
 def test_tiny_spec_builds_once_into_the_cache():
     folder = resolve_tiny_spec("tiny:llava-smoke@seed=4")
     assert json.loads((folder / "tiny_vlm.json").read_text()) == {
-        "architecture": "llava", "size": "smoke", "seed": 4, "image_size": 224,
+        "architecture": "llava",
+        "size": "smoke",
+        "seed": 4,
+        "image_size": 224,
     }
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert resolve_tiny_spec("tiny:llava-smoke@seed=4") == folder

@@ -7,23 +7,38 @@ import sys
 
 import pytest
 
-from helpers import ROOT, demo_args
-
 from datamodules.sampling import ResumableSampler
 from datamodules.synthetic import SyntheticTaskConfig, generate_split
+from helpers import ROOT, demo_args
 
 
 def test_ddp_two_processes_sync_metrics(tiny_qwen, tmp_path):
     train_size, val_size, batch_size = 16, 6, 2
-    args = demo_args("grpo", tiny_qwen, tmp_path, 2,
-                     "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                     "--trainer.limit_val_batches", "1.0",
-                     "--model.reward_functions", '{"helpers.answer_is_yes": 1.0}',
-                     "--model.evaluation.reward", "helpers.answer_is_yes",
-                     "--data.init_args.val_size", str(val_size), "--data.init_args.eval_batch_size", "2")
+    args = demo_args(
+        "grpo",
+        tiny_qwen,
+        tmp_path,
+        2,
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.limit_val_batches",
+        "1.0",
+        "--model.reward_functions",
+        '{"helpers.answer_is_yes": 1.0}',
+        "--model.evaluation.reward",
+        "helpers.answer_is_yes",
+        "--data.init_args.val_size",
+        str(val_size),
+        "--data.init_args.eval_batch_size",
+        "2",
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     executable = os.path.join(os.path.dirname(sys.executable), "cppo")
-    result = subprocess.run([executable, *args], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    result = subprocess.run(
+        [executable, *args], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     (metrics_file,) = list(tmp_path.rglob("metrics.csv"))  # one logger: rank zero's
     rows = list(csv.DictReader(open(metrics_file)))
@@ -39,8 +54,10 @@ def test_ddp_two_processes_sync_metrics(tiny_qwen, tmp_path):
 
     # Training: the reward statistics cover both ranks' prompts of the first step.
     train_answers = [example["answer"] for example in generate_split(task, "train", train_size, 0)]
-    first_batches = [list(ResumableSampler(range(train_size), batch_size, num_replicas=2, rank=rank, seed=0))[:batch_size]
-                     for rank in (0, 1)]
+    first_batches = [
+        list(ResumableSampler(range(train_size), batch_size, num_replicas=2, rank=rank, seed=0))[:batch_size]
+        for rank in (0, 1)
+    ]
     indices = [index for batch in first_batches for index, _ in batch]
     expected = sum(train_answers[i] == "yes" for i in indices) / len(indices)
     step0 = next(r for r in rows if r["step"] == "0" and r.get("train/reward_mean"))

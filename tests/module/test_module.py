@@ -3,61 +3,22 @@
 import logging
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
-from helpers import varied_reward
-from torch.utils.data import DataLoader
 
-from cppo_lightning import CPPOModule
-from cppo_lightning.batch import EncodedPrompt, PromptBatch
-from cppo_lightning.models import PolicyConfig, chat_prompt, load_processor
 from cppo_lightning.module import EvaluationConfig, UpdateConfig
-from cppo_lightning.objectives import CPPO, GRPO
+from cppo_lightning.objectives import GRPO
 from cppo_lightning.rollout import RolloutConfig
 from datamodules import SyntheticTaskConfig, SyntheticVQADataModule
-
-
-class HandWrittenDataModule(pl.LightningDataModule):
-    """Not one of ours: builds the documented batch by hand (crude perturbations, no albumentations)."""
-
-    def __init__(self, model_path, size=8, batch_size=2):
-        super().__init__()
-        self.processor = load_processor(model_path)
-        self.batch_size = batch_size
-        rng = np.random.default_rng(0)
-        self.examples = [self.encode(i, rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)) for i in range(size)]
-
-    def encode(self, index, image):
-        views = {"original": image, "preserving": np.clip(image.astype(int) + 20, 0, 255).astype(np.uint8),
-                 "removing": np.zeros_like(image)}
-        text = chat_prompt(self.processor, f"How many shapes are there? ({index})")
-        encoded = {view: dict(self.processor(images=[im], text=[text], return_tensors="pt")) for view, im in views.items()}
-        text_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
-        return EncodedPrompt(
-            id=f"hand-{index}",
-            text_inputs={k: encoded["original"][k][0] for k in text_keys},
-            vision={view: {k: v for k, v in out.items() if k not in text_keys} for view, out in encoded.items()},
-            answer=str(index % 3),
-            question="How many shapes are there?",
-        )
-
-    def train_dataloader(self):
-        pad = self.processor.tokenizer.pad_token_id
-        return DataLoader(self.examples, batch_size=self.batch_size, collate_fn=lambda e: PromptBatch.from_examples(e, pad))
-
-
-def small_module(model_path, objective=None, **kwargs):
-    kwargs.setdefault("rollout", RolloutConfig(samples_per_prompt=4, max_new_tokens=8))
-    kwargs.setdefault("update", UpdateConfig(micro_batch_size=8))
-    kwargs.setdefault("reward_functions", {varied_reward: 1.0})
-    return CPPOModule(policy=PolicyConfig(str(model_path)), objective=objective or CPPO(), seed=3, **kwargs)
+from helpers import HandWrittenDataModule, small_module
 
 
 def trainer(steps, **kwargs):
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(max_steps=steps, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return pl.Trainer(
+        max_steps=steps, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, **kwargs
+    )
 
 
 def adapter_state(module):
@@ -83,8 +44,13 @@ def test_plugs_into_a_plain_trainer_with_a_foreign_datamodule(tiny_qwen):
 def test_resumed_run_ends_with_the_same_parameters(tiny_qwen, tmp_path):
     def datamodule():
         return SyntheticVQADataModule(
-            task=SyntheticTaskConfig(image_size=112), train_size=8, val_size=0, test_size=0, batch_size=2,
-            processor_name_or_path=str(tiny_qwen), seed=5,
+            task=SyntheticTaskConfig(image_size=112),
+            train_size=8,
+            val_size=0,
+            test_size=0,
+            batch_size=2,
+            processor_name_or_path=str(tiny_qwen),
+            seed=5,
         )
 
     def module():
@@ -100,7 +66,9 @@ def test_resumed_run_ends_with_the_same_parameters(tiny_qwen, tmp_path):
     trainer(6).fit(resumed, datamodule=datamodule(), ckpt_path=tmp_path / "last.ckpt")
     expected, actual = adapter_state(straight), adapter_state(resumed)
     assert resumed.trainer.global_step == 6
-    assert any(not torch.equal(adapter_state(first)[n], actual[n]) for n in actual)  # it did train after resuming
+    assert any(
+        not torch.equal(adapter_state(first)[n], actual[n]) for n in actual
+    )  # it did train after resuming
     assert all(torch.equal(expected[n], actual[n]) for n in expected)
     assert straight.last_rollout.completions == resumed.last_rollout.completions
 
@@ -117,11 +85,23 @@ def alternating(prompts, completions, answers, **columns):
     return [float(i % 2 == 0) for i in range(len(completions))]
 
 
-@pytest.mark.parametrize("grader, expected", [("always_right", 1.0), ("never_right", 0.0), ("alternating", 0.5)])
+@pytest.mark.parametrize(
+    "grader, expected", [("always_right", 1.0), ("never_right", 0.0), ("alternating", 0.5)]
+)
 def test_validate_reports_avg_at_k(tiny_qwen, grader, expected):
-    module = small_module(tiny_qwen, evaluation=EvaluationConfig(samples_per_question=4, max_new_tokens=4, reward=f"test_module.{grader}"))
-    datamodule = SyntheticVQADataModule(task=SyntheticTaskConfig(image_size=112), train_size=4, val_size=6,
-                                        test_size=0, batch_size=2, eval_batch_size=4, processor_name_or_path=str(tiny_qwen))
+    module = small_module(
+        tiny_qwen,
+        evaluation=EvaluationConfig(samples_per_question=4, max_new_tokens=4, reward=f"test_module.{grader}"),
+    )
+    datamodule = SyntheticVQADataModule(
+        task=SyntheticTaskConfig(image_size=112),
+        train_size=4,
+        val_size=6,
+        test_size=0,
+        batch_size=2,
+        eval_batch_size=4,
+        processor_name_or_path=str(tiny_qwen),
+    )
     (metrics,) = trainer(1).validate(module, datamodule=datamodule)
     assert metrics["val/avg@4"] == pytest.approx(expected)
 
@@ -134,13 +114,25 @@ never_right = always(0.0)
     "kwargs, message",
     [
         (dict(rollout=RolloutConfig(samples_per_prompt=1)), "G >= 2"),
-        (dict(update=UpdateConfig(micro_batch_size=3)), r"micro_batch_size \(3 rollouts\) does not divide a mini-batch of 2 prompts x G=4 = 8"),
-        (dict(update=UpdateConfig(mini_batch_size=3, micro_batch_size=4)), r"mini_batch_size \(3 prompts\) does not divide the batch \(2 prompts\)"),
+        (
+            dict(update=UpdateConfig(micro_batch_size=3)),
+            r"micro_batch_size \(3 rollouts\) does not divide a mini-batch of 2 prompts x G=4 = 8",
+        ),
+        (
+            dict(update=UpdateConfig(mini_batch_size=3, micro_batch_size=4)),
+            r"mini_batch_size \(3 prompts\) does not divide the batch \(2 prompts\)",
+        ),
     ],
 )
 def test_sizes_that_do_not_divide_fail_at_start_up(tiny_qwen, kwargs, message):
-    datamodule = SyntheticVQADataModule(task=SyntheticTaskConfig(image_size=112), train_size=4, val_size=0, test_size=0,
-                                        batch_size=2, processor_name_or_path=str(tiny_qwen))
+    datamodule = SyntheticVQADataModule(
+        task=SyntheticTaskConfig(image_size=112),
+        train_size=4,
+        val_size=0,
+        test_size=0,
+        batch_size=2,
+        processor_name_or_path=str(tiny_qwen),
+    )
     with pytest.raises(ValueError, match=message):
         module = small_module(tiny_qwen, **kwargs)
         trainer(1).fit(module, datamodule=datamodule)
@@ -153,7 +145,7 @@ def broken_reward(prompts, completions, answers, **columns):
 def test_a_reward_function_that_raises_is_named(tiny_qwen):
     module = small_module(tiny_qwen, reward_functions={broken_reward: 1.0})
     with pytest.raises(RuntimeError, match="reward function 'broken' raised KeyError"):
-        trainer(1).fit(module, datamodule=HandWrittenDataModule(tiny_qwen, size=2))
+        trainer(1).fit(module, datamodule=HandWrittenDataModule(tiny_qwen, count=2))
 
 
 class NonFiniteOnce(GRPO):
@@ -169,11 +161,13 @@ class NonFiniteOnce(GRPO):
 
 def test_a_non_finite_loss_skips_the_step_and_training_continues(tiny_qwen, caplog):
     NonFiniteOnce.calls = 0
-    module = small_module(tiny_qwen, objective=NonFiniteOnce(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module = small_module(
+        tiny_qwen, objective=NonFiniteOnce(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2)
+    )
     module.configure_model()
     before = adapter_state(module)
     with caplog.at_level(logging.WARNING, logger="cppo_lightning.module"):
-        trainer(3).fit(module, datamodule=HandWrittenDataModule(tiny_qwen, size=6))
+        trainer(3).fit(module, datamodule=HandWrittenDataModule(tiny_qwen, count=6))
     assert module.skipped_steps == 1
     assert "skipping an optimizer step (loss is not finite)" in caplog.text
     after = adapter_state(module)
@@ -197,9 +191,13 @@ class RecordingGRPO(GRPO):
 def test_several_optimizer_steps_per_rollout_use_the_sampling_policy_as_old_policy(tiny_qwen):
     # 2 prompts x G=4 rollouts in mini-batches of 1 prompt and 2 PPO epochs: 4 optimizer steps per rollout.
     objective = RecordingGRPO()
-    module = small_module(tiny_qwen, objective=objective, update=UpdateConfig(mini_batch_size=1, micro_batch_size=4, ppo_epochs=2),
-                          optimizer=lambda p: torch.optim.AdamW(p, lr=5e-2))
-    trainer(8).fit(module, datamodule=HandWrittenDataModule(tiny_qwen, size=4))
+    module = small_module(
+        tiny_qwen,
+        objective=objective,
+        update=UpdateConfig(mini_batch_size=1, micro_batch_size=4, ppo_epochs=2),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=5e-2),
+    )
+    trainer(8).fit(module, datamodule=HandWrittenDataModule(tiny_qwen, count=4))
     assert module.trainer.global_step == 8  # optimizer steps: 2 batches x 4
     first_rollout = objective.ratios[:4]
     # Before any update the policy is the sampling policy: the ratio is exactly 1.

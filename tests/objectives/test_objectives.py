@@ -479,7 +479,10 @@ def test_every_returned_metric_is_documented(cls):
 def test_config_round_trip_rebuilds_the_same_objective():
     from cppo_lightning.objectives import CPPO, PAPO, Objective
 
-    for objective in (CPPO(beta=0.0, tau=0.2, top_ratio=0.3, advantage_gating=False), PAPO(perception_weight=0.05)):
+    for objective in (
+        CPPO(beta=0.0, tau=0.2, top_ratio=0.3, advantage_gating=False),
+        PAPO(perception_weight=0.05),
+    ):
         config = objective.config()
         assert config["class_path"] == f"cppo_lightning.objectives.objectives.{type(objective).__name__}"
         rebuilt = Objective.from_config(config)
