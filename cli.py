@@ -29,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 
 from cppo_lightning.module import CPPOModule  # noqa: E402
 from cppo_lightning.warmstart import WarmStartModule  # noqa: E402
@@ -43,11 +43,12 @@ class CPPOLightningCLI(LightningCLI):
         parser.link_arguments("model.policy.model_name_or_path", "data.init_args.processor_name_or_path")
 
 
-def _cli(model_class: type, args: list[str] | None, run: bool) -> CPPOLightningCLI:
+def _cli(model_class: type, args: list[str] | None, run: bool, save_config: bool = True) -> CPPOLightningCLI:
     return CPPOLightningCLI(
         model_class,
         VisualQADataModule,
         subclass_mode_data=True,
+        save_config_callback=SaveConfigCallback if save_config else None,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
@@ -112,8 +113,12 @@ def _config_texts(args: list[str]) -> list[str]:
 
 
 def _held_out_accuracy(args: list[str], model_path: str | Path) -> float:
-    """avg@k on the test split of a config, for the checkpoint at ``model_path`` (no adapter)."""
-    cli = lightning_cli(
+    """avg@k on the test split of a config, for the checkpoint at ``model_path`` (no adapter).
+
+    Nothing is written: no logger, and no ``config.yaml`` (it would land in the working directory).
+    """
+    cli = _cli(
+        CPPOModule,
         [
             "test",
             *args,
@@ -123,7 +128,9 @@ def _held_out_accuracy(args: list[str], model_path: str | Path) -> float:
             "false",
             "--trainer.callbacks",
             "[]",
-        ]
+        ],
+        run=True,
+        save_config=False,
     )
     return _avg_at_k(cli.trainer.callback_metrics, "test")
 
@@ -205,8 +212,10 @@ def _study(argv: list[str]) -> int:
     parser.add_argument("--output", default="runs/study")
     parser.add_argument("--warmstart-args", default="")
     parser.add_argument("--fit-args", default="")
+    parser.add_argument("--tag", default="", help="suffix of run names, table labels and result files")
     options = parser.parse_args(argv)
     output = Path(options.output)
+    suffix = f"-{options.tag}" if options.tag else ""
     warm = warm_start(
         [
             "--config",
@@ -227,7 +236,7 @@ def _study(argv: list[str]) -> int:
                 "--trainer.logger.init_args.save_dir",
                 str(output),
                 "--trainer.logger.init_args.name",
-                f"{objective}-seed{seed}",
+                f"{objective}{suffix}-seed{seed}",
                 "--seed_everything",
                 seed,
                 "--model.seed",
@@ -237,8 +246,8 @@ def _study(argv: list[str]) -> int:
                 *shlex.split(options.fit_args),
             ]
             accuracy, run = _fit_and_test(args, warm)
-            results.setdefault(objective, []).append(accuracy)
-            runs.setdefault(objective.upper(), []).append(run)
+            results.setdefault(objective + suffix, []).append(accuracy)
+            runs.setdefault((objective + suffix).upper(), []).append(run)
             print(f"{objective} seed {seed}: held-out avg@k {accuracy:.3f}")
     baseline = _held_out_accuracy(
         ["--config", f"configs/demo/{options.objectives.split(',')[0]}.yaml", *shlex.split(options.fit_args)],
@@ -248,7 +257,27 @@ def _study(argv: list[str]) -> int:
 
     first = next(iter(runs.values()))[0]
     validation = [key for key in read_metrics(first) if key.startswith("val/avg@")]
-    plot = plot_groups(runs, output / "study.png", metrics=("train/accuracy", *validation), smooth=10)
+    plot = plot_groups(
+        runs, output / f"study{suffix}.png", metrics=("train/accuracy", *validation), smooth=10
+    )
+    # What the auxiliary losses saw: their mean over each run (CPPO: divergences to I+ and I-).
+    diagnostics = {
+        label: {
+            name: statistics.mean(
+                float(values.mean()) for _, values in (read_metrics(run)[name] for run in group)
+            )
+            for name in (
+                "train/cpl",
+                "train/divergence_preserving",
+                "train/divergence_removing",
+                "train/perception_fraction",
+                "train/implicit_perception_loss",
+                "train/kl",
+            )
+            if all(name in read_metrics(run) for run in group)
+        }
+        for label, group in runs.items()
+    }
     lines = [
         "| method | held-out avg@k (mean ± std) | per seed |",
         "|---|---|---|",
@@ -262,8 +291,9 @@ def _study(argv: list[str]) -> int:
             + " |"
         )
     table = "\n".join(lines)
-    (output / "study.md").write_text(table + "\n")
-    (output / "study.json").write_text(json.dumps({"warm_start": baseline, "results": results}, indent=2))
+    (output / f"study{suffix}.md").write_text(table + "\n")
+    summary = {"warm_start": baseline, "results": results, "diagnostics": diagnostics}
+    (output / f"study{suffix}.json").write_text(json.dumps(summary, indent=2))
     print(table)
     print(f"plot: {plot}")
     return 0
