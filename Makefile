@@ -12,7 +12,8 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-# torch is pinned in the same pip command: an unpinned torch would pull a multi-GB CUDA build.
+# torch is pinned in the same pip command, so the resolver cannot move it. The build (CPU or CUDA) is the one
+# your pip index serves; for the small CPU-only wheel: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make setup
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

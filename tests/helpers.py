@@ -1,9 +1,11 @@
 """Small builders shared by tests (not fixtures: plain functions)."""
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from cppo_lightning.models import chat_prompt
+from datamodules.synthetic import SyntheticTaskConfig
 
 
 def random_images(count, size=(112, 112), seed=0):
@@ -66,6 +68,16 @@ def demo_args(config, model_path, save_dir, steps=2, *overrides):
     ]
 
 
+def demo_task(config: str) -> SyntheticTaskConfig:
+    """The synthetic task a demo config trains on (``demo_args`` keeps it, with 112 px images)."""
+    task = yaml.safe_load((ROOT / "configs" / "demo" / f"{config}.yaml").read_text())["data"]["init_args"][
+        "task"
+    ]
+    return SyntheticTaskConfig(
+        **{**task, "image_size": 112, "shape_size_range": tuple(task["shape_size_range"])}
+    )
+
+
 def varied_reward(prompts, completions, answers, **columns):
     """A reward that differs between samples of a random tiny model (so advantages are not all zero)."""
     return [float(len(completion) % 3) for completion in completions]
@@ -74,9 +86,9 @@ def varied_reward(prompts, completions, answers, **columns):
 VARIED_REWARD = ["--model.reward_functions", '{"helpers.varied_reward": 1.0}']
 
 
-def answer_is_yes(prompts, completions, answers, **columns):
+def answer_is_no(prompts, completions, answers, **columns):
     """A grader that only looks at the reference answer: its mean is known without sampling."""
-    return [float(answer == "yes") for answer in answers]
+    return [float(answer == "no") for answer in answers]
 
 
 # ----------------------------------------------------------------------------- a DataModule that is not ours

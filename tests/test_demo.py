@@ -11,7 +11,7 @@ from cli import main
 def test_demo_pipeline_in_miniature(tiny_qwen, tmp_path, capsys):
     small_data = (
         " --data.init_args.train_size 32 --data.init_args.val_size 4 --data.init_args.batch_size 2"
-        " --data.init_args.task.image_size 56"
+        " --data.init_args.task.image_size 56 --data.init_args.task.max_shapes 1"
     )
     warm_args = (
         f"--model.policy.model_name_or_path {tiny_qwen} --trainer.max_steps 3 --trainer.val_check_interval 3"

@@ -4,7 +4,7 @@ Every function here takes tensors and plain numbers and returns tensors; nothing
 Shapes use ``R`` for rows (one row = one rollout of the micro-batch), ``T`` for response
 positions, ``V`` for the vocabulary, ``N`` for prompts and ``G`` for rollouts per prompt.
 Log-probs are natural-log probabilities of the sampled tokens. The algorithm and every default
-are specified in ``docs/cppo-algorithm.md`` (sections 1, 2, 4 and 5).
+follow the CPPO paper (arXiv 2601.00501) and its reference release; each docstring gives the equation.
 """
 
 from __future__ import annotations

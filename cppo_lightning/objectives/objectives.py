@@ -3,7 +3,7 @@
 An objective tells the training module what it needs (reference log-probs, entropies, which
 perturbed image views, for which rows) and turns those tensors into ``(loss, metrics)``. It is
 chosen in YAML by ``class_path: cppo_lightning.objectives.CPPO``; constructor arguments are the
-hyperparameters, with the release defaults of ``docs/cppo-algorithm.md``.
+hyperparameters, with the defaults of the CPPO paper (arXiv 2601.00501) and its reference release.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from cppo_lightning.models import (
-    LANGUAGE_MODEL_TARGETS,
     LoRAConfig,
     PolicyConfig,
     load_policy,
@@ -157,5 +156,20 @@ def test_lora_pattern_matching_nothing_is_a_clear_error(tiny_qwen):
         load_policy(PolicyConfig(model_name_or_path=str(tiny_qwen), lora=LoRAConfig(target_modules="(")))
 
 
-def test_default_target_regex_is_what_the_docs_say():
-    assert LoRAConfig().target_regex() == f"(?:{LANGUAGE_MODEL_TARGETS})"
+@pytest.mark.parametrize(
+    "name, targeted",
+    [
+        ("model.language_model.layers.0.self_attn.q_proj", True),
+        ("model.language_model.layers.11.mlp.down_proj", True),
+        ("base_model.model.model.language_model.layers.3.mlp.gate_proj", True),
+        # The Qwen vision MLP has the same projection names: a bare name list would hit it.
+        ("model.visual.blocks.0.mlp.gate_proj", False),
+        ("model.visual.blocks.0.attn.qkv", False),
+        ("model.visual.merger.mlp.0", False),
+        ("lm_head", False),
+        ("model.language_model.embed_tokens", False),
+    ],
+)
+def test_default_lora_targets_are_the_language_models_projections_only(name, targeted):
+    # peft matches a string target_modules with re.fullmatch against the module name.
+    assert bool(re.fullmatch(LoRAConfig().target_regex(), name)) is targeted

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from cppo_lightning.models import PolicyConfig, build_tiny_vlm, load_policy, load_processor, resolve_tiny_spec
-from cppo_lightning.models.tiny import SIZES
 from helpers import encode
 
 
@@ -50,7 +49,6 @@ def test_demo_size_has_a_few_million_parameters(tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(build_tiny_vlm(tmp_path / "d", "qwen2_5_vl", "demo"))
     count = sum(p.numel() for p in model.parameters())
     assert 2_000_000 < count < 10_000_000, count
-    assert SIZES["smoke"].hidden == 64
 
 
 def test_tiny_spec_builds_once_into_the_cache():

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from datamodules.sampling import ResumableSampler
-from datamodules.synthetic import SyntheticTaskConfig, generate_split
-from helpers import ROOT, demo_args
+from datamodules.synthetic import generate_split
+from helpers import ROOT, demo_args, demo_task
 
 
 def test_ddp_two_processes_sync_metrics(tiny_qwen, tmp_path):
@@ -26,9 +26,9 @@ def test_ddp_two_processes_sync_metrics(tiny_qwen, tmp_path):
         "--trainer.limit_val_batches",
         "1.0",
         "--model.reward_functions",
-        '{"helpers.answer_is_yes": 1.0}',
+        '{"helpers.answer_is_no": 1.0}',
         "--model.evaluation.reward",
-        "helpers.answer_is_yes",
+        "helpers.answer_is_no",
         "--data.init_args.val_size",
         str(val_size),
         "--data.init_args.eval_batch_size",
@@ -44,10 +44,10 @@ def test_ddp_two_processes_sync_metrics(tiny_qwen, tmp_path):
     rows = list(csv.DictReader(open(metrics_file)))
 
     # Validation: each rank grades half of the questions; the logged avg@k is over all of them.
-    task = SyntheticTaskConfig(image_size=112)
+    task = demo_task("grpo")
     answers = [example["answer"] for example in generate_split(task, "validation", val_size, 0)]
-    everyone = sum(a == "yes" for a in answers) / val_size
-    rank_zero_only = sum(a == "yes" for a in answers[0::2]) / len(answers[0::2])
+    everyone = sum(a == "no" for a in answers) / val_size
+    rank_zero_only = sum(a == "no" for a in answers[0::2]) / len(answers[0::2])
     assert everyone != rank_zero_only  # otherwise this test could not tell synced from unsynced
     (val,) = [float(r["val/avg@2"]) for r in rows if r.get("val/avg@2")]
     assert val == pytest.approx(everyone, rel=1e-6)
