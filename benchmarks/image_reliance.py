@@ -30,7 +30,7 @@ from cppo_lightning.batch import MASKED, ORIGINAL, REMOVING  # noqa: E402
 from cppo_lightning.models import PolicyConfig, load_policy  # noqa: E402
 from cppo_lightning.models.scoring import completion_logits  # noqa: E402
 from cppo_lightning.objectives import token_logprobs  # noqa: E402
-from cppo_lightning.warmstart import DEFAULT_TARGET  # noqa: E402
+from cppo_lightning.warmstart import DEFAULT_TARGET, target_ids  # noqa: E402
 from datamodules import SyntheticTaskConfig, SyntheticVQADataModule  # noqa: E402
 from datamodules.perturbations import PerturbationPool  # noqa: E402
 
@@ -46,24 +46,16 @@ def _flat_grey(image: np.ndarray, **_) -> np.ndarray:
     return np.full_like(image, 128)
 
 
-def answer_targets(
-    tokenizer, template: str, answers: list[str]
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Right-padded target ids, their mask, and the index of each answer's first token."""
+def answer_starts(tokenizer, template: str, answers: list[str]) -> list[int]:
+    """Index of each answer's first token in its target (where it departs from the text before it)."""
     prefix = tokenizer(template.split("{answer}")[0].format(), add_special_tokens=False)["input_ids"]
-    rows, starts = [], []
+    starts = []
     for answer in answers:
         ids = tokenizer(template.format(answer=answer), add_special_tokens=False)["input_ids"]
-        start = next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
-        rows.append(ids + [tokenizer.eos_token_id])
-        starts.append(start)
-    length = max(map(len, rows))
-    ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.bool)
-    for row, values in enumerate(rows):
-        ids[row, : len(values)] = torch.tensor(values)
-        mask[row, : len(values)] = True
-    return ids, mask, starts
+        starts.append(
+            next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
+        )
+    return starts
 
 
 def main() -> None:
@@ -95,7 +87,9 @@ def main() -> None:
     logprob: dict[str, collections.Counter] = {view: collections.Counter() for view in views}
     count: collections.Counter = collections.Counter()
     for batch in data.train_dataloader():
-        ids, mask, starts = answer_targets(policy.processor.tokenizer, template, batch.answers)
+        tokenizer = policy.processor.tokenizer
+        ids, mask = target_ids(tokenizer, template, batch.answers)
+        starts = answer_starts(tokenizer, template, batch.answers)
         rows = torch.arange(len(batch))
         first = torch.tensor(starts)
         families = [meta.get("family", "all") for meta in batch.metadata]

@@ -64,18 +64,7 @@ class WarmStartModule(pl.LightningModule):
 
     def targets(self, answers: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded target ids (ending with EOS) and their mask, ``[B, T]`` each."""
-        tokenizer = self.policy.processor.tokenizer
-        rows = [
-            tokenizer(self.target_template.format(answer=answer), add_special_tokens=False)["input_ids"]
-            + [tokenizer.eos_token_id]
-            for answer in answers
-        ]
-        length = max(map(len, rows))
-        ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.bool)
-        for index, row in enumerate(rows):
-            ids[index, : len(row)] = torch.tensor(row)
-            mask[index, : len(row)] = True
+        ids, mask = target_ids(self.policy.processor.tokenizer, self.target_template, answers)
         return ids.to(self.device), mask.to(self.device)
 
     def loss(self, batch: PromptBatch) -> torch.Tensor:
@@ -109,3 +98,19 @@ class WarmStartModule(pl.LightningModule):
         """Write the fine-tuned model and its processor (a plain ``transformers`` checkpoint)."""
         self.policy.model.save_pretrained(folder)
         self.policy.processor.save_pretrained(folder)
+
+
+def target_ids(tokenizer, template: str, answers: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``template.format(answer=...)`` tokenized and ended with EOS, right-padded: ids and mask, ``[B, T]``."""
+    rows = [
+        tokenizer(template.format(answer=answer), add_special_tokens=False)["input_ids"]
+        + [tokenizer.eos_token_id]
+        for answer in answers
+    ]
+    length = max(map(len, rows))
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row)
+        mask[index, : len(row)] = True
+    return ids, mask

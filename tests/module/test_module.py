@@ -25,6 +25,19 @@ def adapter_state(module):
     return {n: p.detach().clone() for n, p in module.policy.model.named_parameters() if p.requires_grad}
 
 
+def small_data(tiny_qwen, train_size, val_size=0, **kwargs):
+    """The synthetic task at 112 px in batches of 2 prompts, no test split."""
+    return SyntheticVQADataModule(
+        task=SyntheticTaskConfig(image_size=112),
+        train_size=train_size,
+        val_size=val_size,
+        test_size=0,
+        batch_size=2,
+        processor_name_or_path=str(tiny_qwen),
+        **kwargs,
+    )
+
+
 def test_plugs_into_a_plain_trainer_with_a_foreign_datamodule(tiny_qwen):
     module = small_module(tiny_qwen, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
     datamodule = HandWrittenDataModule(tiny_qwen)
@@ -43,15 +56,7 @@ def test_plugs_into_a_plain_trainer_with_a_foreign_datamodule(tiny_qwen):
 
 def test_resumed_run_ends_with_the_same_parameters(tiny_qwen, tmp_path):
     def datamodule():
-        return SyntheticVQADataModule(
-            task=SyntheticTaskConfig(image_size=112),
-            train_size=8,
-            val_size=0,
-            test_size=0,
-            batch_size=2,
-            processor_name_or_path=str(tiny_qwen),
-            seed=5,
-        )
+        return small_data(tiny_qwen, train_size=8, seed=5)
 
     def module():
         return small_module(tiny_qwen, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
@@ -93,15 +98,7 @@ def test_validate_reports_avg_at_k(tiny_qwen, grader, expected):
         tiny_qwen,
         evaluation=EvaluationConfig(samples_per_question=4, max_new_tokens=4, reward=f"test_module.{grader}"),
     )
-    datamodule = SyntheticVQADataModule(
-        task=SyntheticTaskConfig(image_size=112),
-        train_size=4,
-        val_size=6,
-        test_size=0,
-        batch_size=2,
-        eval_batch_size=4,
-        processor_name_or_path=str(tiny_qwen),
-    )
+    datamodule = small_data(tiny_qwen, train_size=4, val_size=6, eval_batch_size=4)
     (metrics,) = trainer(1).validate(module, datamodule=datamodule)
     assert metrics["val/avg@4"] == pytest.approx(expected)
 
@@ -125,14 +122,7 @@ never_right = always(0.0)
     ],
 )
 def test_sizes_that_do_not_divide_fail_at_start_up(tiny_qwen, kwargs, message):
-    datamodule = SyntheticVQADataModule(
-        task=SyntheticTaskConfig(image_size=112),
-        train_size=4,
-        val_size=0,
-        test_size=0,
-        batch_size=2,
-        processor_name_or_path=str(tiny_qwen),
-    )
+    datamodule = small_data(tiny_qwen, train_size=4)
     with pytest.raises(ValueError, match=message):
         module = small_module(tiny_qwen, **kwargs)
         trainer(1).fit(module, datamodule=datamodule)
