@@ -255,17 +255,16 @@ def _study(argv: list[str]) -> int:
     )
     from callbacks.plots import plot_groups, read_metrics
 
+    metrics = {run: read_metrics(run) for group in runs.values() for run in group}
     first = next(iter(runs.values()))[0]
-    validation = [key for key in read_metrics(first) if key.startswith("val/avg@")]
+    validation = [key for key in metrics[first] if key.startswith("val/avg@")]
     plot = plot_groups(
         runs, output / f"study{suffix}.png", metrics=("train/accuracy", *validation), smooth=10
     )
     # What the auxiliary losses saw: their mean over each run (CPPO: divergences to I+ and I-).
     diagnostics = {
         label: {
-            name: statistics.mean(
-                float(values.mean()) for _, values in (read_metrics(run)[name] for run in group)
-            )
+            name: statistics.mean(float(metrics[run][name][1].mean()) for run in group)
             for name in (
                 "train/cpl",
                 "train/divergence_preserving",
@@ -274,7 +273,7 @@ def _study(argv: list[str]) -> int:
                 "train/implicit_perception_loss",
                 "train/kl",
             )
-            if all(name in read_metrics(run) for run in group)
+            if all(name in metrics[run] for run in group)
         }
         for label, group in runs.items()
     }

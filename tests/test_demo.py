@@ -47,3 +47,45 @@ def test_demo_pipeline_in_miniature(tiny_qwen, tmp_path, capsys):
     # A second demo reuses the warm start made from the same config.
     assert main(argv) == 0
     assert "reusing" in capsys.readouterr().out
+
+
+def test_study_in_miniature(tiny_qwen, tmp_path):
+    small_data = (
+        " --data.init_args.train_size 16 --data.init_args.val_size 4 --data.init_args.batch_size 2"
+        " --data.init_args.task.image_size 56 --data.init_args.task.max_shapes 1"
+    )
+    warm_args = (
+        f"--model.policy.model_name_or_path {tiny_qwen} --trainer.max_steps 2 --trainer.val_check_interval 2"
+        + small_data
+    )
+    fit_args = (
+        "--trainer.max_steps 2 --trainer.val_check_interval 2 --data.init_args.test_size 4"
+        " --data.init_args.eval_batch_size 4 --model.rollout.samples_per_prompt 4 --model.rollout.max_new_tokens 6"
+        " --model.update.micro_batch_size 8 --model.evaluation.samples_per_question 2" + small_data
+    )
+    argv = [
+        "study",
+        "--output",
+        str(tmp_path),
+        "--objectives",
+        "grpo,cppo",
+        "--seeds",
+        "0,1",
+        "--tag",
+        "mini",
+    ]
+    assert main([*argv, "--warmstart-args", warm_args, "--fit-args", fit_args]) == 0
+
+    summary = json.loads((tmp_path / "study-mini.json").read_text())
+    assert set(summary["results"]) == {"grpo-mini", "cppo-mini"}
+    assert all(len(values) == 2 for values in summary["results"].values())
+    # The diagnostics are each method's own auxiliary losses: CPPO's CPL and divergences, not GRPO's.
+    assert {"train/cpl", "train/divergence_preserving", "train/divergence_removing"} <= set(
+        summary["diagnostics"]["CPPO-MINI"]
+    )
+    assert "train/cpl" not in summary["diagnostics"]["GRPO-MINI"]
+    # The table row of a method is the mean of its per-seed results.
+    table = (tmp_path / "study-mini.md").read_text()
+    grpo = summary["results"]["grpo-mini"]
+    assert f"| GRPO-MINI | {sum(grpo) / 2:.3f} ± " in table
+    assert {p.name for p in tmp_path.iterdir()} >= {"grpo-mini-seed0", "cppo-mini-seed1", "study-mini.png"}
