@@ -28,6 +28,9 @@ REMOVING = "removing"
 MASKED = "masked"
 VIEW_NAMES = (ORIGINAL, PRESERVING, REMOVING, MASKED)
 
+#: Processor outputs laid out along the token axis; everything else a processor returns is a vision input.
+TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
 
 @dataclass
 class EncodedPrompt:
@@ -138,13 +141,21 @@ class PromptBatch:
         """``P``, the padded prompt length."""
         return self.input_ids.shape[1]
 
-    def model_inputs(self, view: str, rows: Tensor | Sequence[int] | None = None) -> dict[str, Tensor]:
+    def prompt_lengths(self) -> list[int]:
+        """Each prompt's number of real (non-padding) tokens, image tokens included."""
+        return self.attention_mask.sum(dim=1).tolist()
+
+    def model_inputs(
+        self, view: str, rows: Tensor | Sequence[int] | None = None, prompt_length: int | None = None
+    ) -> dict[str, Tensor]:
         """Model inputs (tokens + one view's vision inputs) for the given examples.
 
         Args:
             view: which image view.
             rows: example indices, repeats allowed (e.g. ``arange(B).repeat_interleave(G)`` for
                 ``G`` rollouts per prompt); default all examples once.
+            prompt_length: keep only the last ``prompt_length`` token columns (the prompts are
+                left-padded, so this drops padding when it is at least the longest selected prompt).
 
         Returns:
             A dict for ``model(**inputs)`` / ``model.generate(**inputs)``.
@@ -160,9 +171,13 @@ class PromptBatch:
             rows = torch.arange(len(self))
         rows = torch.as_tensor(rows, dtype=torch.long)
         index = rows.to(self.input_ids.device)
-        inputs = {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index]}
+        start = 0 if prompt_length is None else max(0, self.prompt_length - prompt_length)
+        inputs = {
+            "input_ids": self.input_ids[index, start:],
+            "attention_mask": self.attention_mask[index, start:],
+        }
         for key, value in self.text_inputs.items():
-            inputs[key] = value[index]
+            inputs[key] = value[index, start:]
         inputs.update(concat_vision_inputs([self.vision[view][i] for i in rows.tolist()]))
         return inputs
 

@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,21 +30,10 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from cppo_lightning.batch import ORIGINAL, PromptBatch, concat_vision_inputs
+from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.metrics import AverageAccuracy, RewardStatistics
 from cppo_lightning.models.loading import LoRAConfig, Policy, PolicyConfig, load_policy
-from cppo_lightning.models.scoring import completion_logits
-from cppo_lightning.objectives import (
-    CPPO,
-    NonFiniteError,
-    Objective,
-    ObjectiveInputs,
-    ViewOutputs,
-    group_advantages,
-    perception_token_mask,
-    token_entropy,
-    token_logprobs,
-)
+from cppo_lightning.objectives import CPPO, BatchCounts, Objective, group_advantages
 from cppo_lightning.rewards import DEFAULT_REWARDS, resolve_reward_function
 from cppo_lightning.rollout import (
     RewardModel,
@@ -58,6 +46,15 @@ from cppo_lightning.rollout import (
     sampling_mode,
     seeded,
 )
+from cppo_lightning.update import (
+    MicroBatch,
+    RolloutScorer,
+    UpdateConfig,
+    mini_batch_counts,
+    padding_fraction,
+    split_to_count,
+    world_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,26 +62,6 @@ log = logging.getLogger(__name__)
 def default_optimizer(parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW, lr 1e-5, weight decay 0.01 (a LoRA default; the release's full fine-tuning uses 1e-6)."""
     return torch.optim.AdamW(parameters, lr=1e-5, weight_decay=0.01)
-
-
-@dataclass
-class UpdateConfig:
-    """How one rollout batch becomes optimizer steps.
-
-    Args:
-        mini_batch_size: prompts per optimizer step (their ``G`` rollouts each); None: the whole batch,
-            one optimizer step per rollout (then ``lp_old = lp.detach()`` and no old-policy forward runs).
-        micro_batch_size: rollouts per forward (gradient accumulation inside a mini-batch).
-        ppo_epochs: passes over the rollouts.
-        gradient_clip_val: max gradient norm (None: no clipping).
-        shuffle: shuffle rollouts between mini-batches (seeded).
-    """
-
-    mini_batch_size: int | None = None
-    micro_batch_size: int = 4
-    ppo_epochs: int = 1
-    gradient_clip_val: float | None = 1.0
-    shuffle: bool = False
 
 
 @dataclass
@@ -108,21 +85,50 @@ class EvaluationConfig:
 
 @dataclass
 class _StepStatistics:
-    """Sums of objective metrics over the micro-batches of one step."""
+    """Metrics of the optimizer steps of one RL step, kept on the device until they are logged.
 
-    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    count: int = 0
-    grad_norms: list[float] = field(default_factory=list)
+    The objective's metrics are shares (see ``BatchCounts``): summed over the micro-batches of an
+    optimizer step they give that mini-batch's value; the RL step logs their mean over its steps.
+    """
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    steps: int = 0
+    grad_norm: Tensor | None = None
+    padding: float = 0.0
+    micro_batches: int = 0
+    forwards: int = 0
+    _norms: list[Tensor] = field(default_factory=list)
+    _padding: list[float] = field(default_factory=list)
+    _micro: list[int] = field(default_factory=list)
 
     def add(self, metrics: Mapping[str, Tensor]) -> None:
+        """Add one micro-batch's metric shares."""
         for key, value in metrics.items():
-            self.sums[key] += float(value)
-        self.count += 1
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def merge(self, step: _StepStatistics) -> None:
+        """Add one completed optimizer step."""
+        for key, value in step.sums.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.steps += 1
+        if step.grad_norm is not None:
+            self._norms.append(step.grad_norm.float())
+        self._padding.append(step.padding)
+        self._micro.append(step.micro_batches)
 
     def means(self) -> dict[str, float]:
-        means = {key: value / max(self.count, 1) for key, value in self.sums.items()}
-        if self.grad_norms:
-            means["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        """Per-step means, with one device-to-host copy."""
+        if not self.steps:
+            return {}
+        keys = sorted(self.sums)
+        values = [self.sums[key] / self.steps for key in keys]
+        if self._norms:
+            keys.append("grad_norm")
+            values.append(torch.stack(self._norms).mean())
+        means = dict(zip(keys, torch.stack(values).cpu().tolist())) if values else {}
+        means["padding_fraction"] = sum(self._padding) / len(self._padding)
+        means["micro_batches"] = sum(self._micro) / len(self._micro)
         return means
 
 
@@ -211,8 +217,13 @@ class CPPOModule(pl.LightningModule):
         self.skipped_steps = 0
         self.last_rollout: Rollout | None = None
         self.last_eval_rollout: Rollout | None = None
-        # Counts reference forwards (a test checks that beta = 0 runs none).
+        # Counts reference passes (a test checks that beta = 0 runs none).
         self.reference_forwards = 0
+        #: Whether the rollouts are sampled by the trained network itself (HF generate on the policy),
+        #: so that with one optimizer step per rollout lp_old == lp.detach() is exact.
+        self.sampler_is_policy = True
+        self._validated_batch_size: int | None = None
+        self._reduce = None
         self._validate_sizes()
 
     # ------------------------------------------------------------------ set-up
@@ -224,22 +235,11 @@ class CPPOModule(pl.LightningModule):
             problems.append(
                 f"samples_per_prompt (G) is {rollout.samples_per_prompt}: group-normalised advantages need G >= 2"
             )
-        if update.micro_batch_size < 1 or update.ppo_epochs < 1:
+        mini = update.mini_batch_prompts
+        if mini is not None and prompts_per_batch is not None and prompts_per_batch % mini:
             problems.append(
-                f"micro_batch_size ({update.micro_batch_size}) and ppo_epochs ({update.ppo_epochs}) must be >= 1"
+                f"mini_batch_prompts ({mini}) does not divide the batch ({prompts_per_batch} prompts)"
             )
-        mini = update.mini_batch_size or prompts_per_batch
-        if mini is not None:
-            if prompts_per_batch is not None and prompts_per_batch % mini:
-                problems.append(
-                    f"mini_batch_size ({mini} prompts) does not divide the batch ({prompts_per_batch} prompts)"
-                )
-            rows = mini * rollout.samples_per_prompt
-            if rows % update.micro_batch_size:
-                problems.append(
-                    f"micro_batch_size ({update.micro_batch_size} rollouts) does not divide a mini-batch of "
-                    f"{mini} prompts x G={rollout.samples_per_prompt} = {rows} rollouts"
-                )
         if problems:
             raise ValueError("batch sizes do not fit: " + "; ".join(problems))
 
@@ -322,32 +322,6 @@ class CPPOModule(pl.LightningModule):
             )
         return example_rows, completion, mask, decode(self.tokenizer, completion, mask)
 
-    def _stacked_inputs(
-        self, batch: PromptBatch, rollout: Rollout, parts: list[tuple[str, Tensor]], length: int
-    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """Model inputs, completions and masks for several (view, rollout rows) parts, stacked on dim 0."""
-        parts = [(view, rows) for view, rows in parts if len(rows)]  # e.g. no row with A > 0 this time
-        inputs = concat_vision_inputs(
-            [batch.model_inputs(view, rollout.example_rows[rows]) for view, rows in parts]
-        )
-        completion = torch.cat([rollout.completion_ids[rows, :length] for _, rows in parts])
-        mask = torch.cat([rollout.completion_mask[rows, :length] for _, rows in parts])
-        return inputs, completion, mask
-
-    def _score_no_grad(self, batch: PromptBatch, rollout: Rollout, view: str) -> Tensor:
-        """[N, C] log-probs of every rollout under one view with the current (pre-update) policy."""
-        scores = []
-        micro = self.update_config.micro_batch_size
-        with torch.no_grad():
-            for start in range(0, len(rollout), micro):
-                rows = torch.arange(start, min(start + micro, len(rollout)), device=self.device)
-                inputs, completion, mask = self._stacked_inputs(
-                    batch, rollout, [(view, rows)], rollout.completion_ids.shape[1]
-                )
-                logits = completion_logits(self.policy.model, inputs, completion, mask)
-                scores.append(token_logprobs(logits, completion, temperature=self.rollout_config.temperature))
-        return torch.cat(scores)
-
     # ------------------------------------------------------------------ training
 
     def rollout(self, batch: PromptBatch) -> Rollout:
@@ -377,7 +351,9 @@ class CPPOModule(pl.LightningModule):
                 f"{type(self.objective).__name__} needs image views {list(self.required_views)}; the batch has "
                 f"{list(batch.views)} (missing {missing}). Ask the DataModule for them (views: auto)."
             )
-        self._validate_sizes(len(batch))
+        if self._validated_batch_size != len(batch):
+            self._validate_sizes(len(batch))
+            self._validated_batch_size = len(batch)
         step_seed = derived_seed(self.seed, self.global_rank, self.global_step, "train")
         with seeded(step_seed, self.device):
             started = time.perf_counter()
@@ -388,85 +364,212 @@ class CPPOModule(pl.LightningModule):
         self.last_rollout = rollout
         self._log_training(rollout, statistics, rolled - started, finished - rolled)
 
+    def scorer(self, batch: PromptBatch, rollout: Rollout, optimizer_steps: int = 1) -> RolloutScorer:
+        """The scorer of one rollout batch, with the no-grad scores the update reads computed.
+
+        Args:
+            batch: the prompts.
+            rollout: their rollouts.
+            optimizer_steps: optimizer steps that will follow (more than one needs ``lp_old``).
+        """
+        update, objective = self.update_config, self.objective
+        scorer = RolloutScorer(
+            self.policy.model,
+            batch,
+            rollout,
+            temperature=self.rollout_config.temperature,
+            max_rows=update.micro_batch_rollouts,
+            max_tokens=update.max_tokens_per_forward,
+            chunk_tokens=update.logits_chunk_tokens,
+        )
+        # With one optimizer step per rollout, sampled by the network being trained, the policy that
+        # sampled is the one being updated: lp_old == lp.detach() and no old-policy pass is needed.
+        needs_old = optimizer_steps > 1 or not self.sampler_is_policy
+        frozen = [request.name for request in objective.view_requests() if not request.with_grad]
+        with torch.no_grad():
+            scorer.precompute(old=needs_old, reference=None, frozen_views=frozen)
+            if objective.needs_reference:
+                with self.policy.reference() as reference:
+                    scorer.precomputed.ref_logprobs = scorer.score_all(reference)
+                self.reference_forwards += 1
+        return scorer
+
     def update(self, batch: PromptBatch, rollout: Rollout) -> _StepStatistics:
-        """Optimizer steps on one rollout batch (mini-batches x micro-batches x PPO epochs)."""
+        """Optimizer steps on one rollout batch: mini-batches x micro-batches x PPO epochs.
+
+        Reads like a plain training loop: score what the update needs without gradient once,
+        then for each mini-batch plan its micro-batches, accumulate their gradients, clip, step.
+        """
         update, group = self.update_config, rollout.group_size
-        mini_rows = (update.mini_batch_size or len(batch)) * group
-        micro = update.micro_batch_size
+        mini_rows = (update.mini_batch_prompts or len(batch)) * group
         optimizer_steps = update.ppo_epochs * (len(rollout) // mini_rows)
-        # One optimizer step per rollout: the policy that sampled is the one being updated, so
-        # lp_old == lp.detach() and no separate old-policy forward is needed.
-        old_logprobs = self._score_no_grad(batch, rollout, ORIGINAL) if optimizer_steps > 1 else None
-        # Views the objective wants from the pre-update policy without gradient (PAPO's masked view).
-        frozen_views = {
-            request.name: self._score_no_grad(batch, rollout, request.name)
-            for request in self.objective.view_requests()
-            if not request.with_grad
-        }
-        self._init_rollout_buffers(rollout)
+        scorer = self.scorer(batch, rollout, optimizer_steps)
         scheduler = self.lr_schedulers()
         statistics = _StepStatistics()
         for epoch in range(update.ppo_epochs):
-            order = torch.arange(len(rollout), device=self.device)
+            order = torch.arange(len(rollout))
             if update.shuffle:
-                order = order[torch.randperm(len(rollout), device="cpu").to(self.device)]
+                order = order[torch.randperm(len(rollout), device="cpu")]
             for start in range(0, len(rollout), mini_rows):
-                mini = order[start : start + mini_rows]
-                self._optimizer_step(
-                    batch, rollout, mini, micro, old_logprobs, frozen_views, statistics, epoch == 0
-                )
+                rows = order[start : start + mini_rows].tolist()
+                self._optimizer_step(scorer, rows, statistics, record=epoch == 0)
                 if scheduler is not None:
                     scheduler.step()
+        statistics.forwards = scorer.forwards
         return statistics
 
+    def _plan(self, scorer: RolloutScorer, rows: list[int]) -> tuple[list[MicroBatch], BatchCounts, float]:
+        """Micro-batches of one mini-batch (the same number on every rank) and its counts."""
+        objective = self.objective
+        requests = objective.view_requests()
+        view_rows = objective.view_rows(scorer.advantages)
+        stacked = scorer.stacked_rows(requests, view_rows)
+        plans = scorer.plan(rows, stacked)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        reduce = None
+        if world > 1:
+            strategy = self.trainer.strategy
+
+            def reduce(tensor: Tensor, op: str = "sum") -> Tensor:
+                return strategy.reduce(tensor.to(self.device), reduce_op=op).cpu()
+
+            # Sharded strategies gather weights in every forward: each rank must run as many.
+            most = int(reduce(torch.tensor([float(len(plans))]), "max").item())
+            plans = split_to_count(plans, most, (scorer.prompt_lengths, scorer.completion_lengths, stacked))
+        has_view = {request.name: view_rows.tolist() for request in requests if request.with_grad}
+        totals = mini_batch_counts(rows, scorer.completion_lengths, has_view, len(plans))
+        counts = BatchCounts(world_counts(totals, reduce), world_size=world, micro_batches=len(plans))
+        padding = padding_fraction(plans, scorer.prompt_lengths, scorer.completion_lengths, stacked)
+        self._reduce = reduce
+        return plans, counts, padding
+
+    def _select_in_advance(
+        self, scorer: RolloutScorer, plans: list[MicroBatch], counts: BatchCounts
+    ) -> tuple[list[dict[str, Tensor]], BatchCounts]:
+        """The objective's token masks for every micro-batch, from a no-grad pass, and their totals.
+
+        The CPL's masked mean runs over the perception tokens of the whole mini-batch, whose number
+        is known only once the entropies under ``I`` and ``I-`` are, and a micro-batch's backward
+        needs it. So when a mini-batch spans several micro-batches, a forward without gradient (and
+        without stored activations) over the rows that can hold perception tokens (``view_rows``:
+        ``A > 0`` under gating) and the views the selection reads finds the masks first. The other
+        exact methods cost more: a second backward of the CPL into a second gradient buffer, or
+        keeping every micro-batch's graph until the last forward.
+        """
+        objective = self.objective
+        requests = [request for request in objective.view_requests() if request.with_grad and request.entropy]
+        view_rows = objective.view_rows(scorer.advantages)
+        needs_forward = objective.needs_entropy or bool(requests)
+        found: list[tuple[list[int], MicroBatch, dict[str, Tensor]]] = []
+        with torch.no_grad():
+            for micro in plans:
+                local = [index for index, row in enumerate(micro.rows) if view_rows[row]]
+                if not local:
+                    found.append((local, micro, {}))
+                    continue
+                sub = scorer.micro_batch([micro.rows[index] for index in local])
+                if needs_forward:
+                    inputs = scorer.inputs(sub, requests, view_rows, entropy=objective.needs_entropy)
+                else:
+                    inputs = scorer.bare_inputs(sub)
+                inputs.counts = counts
+                found.append((local, sub, objective.select_tokens(inputs).masks))
+        names = sorted({name for _, _, masks in found for name in masks})
+        selected = []
+        for (local, sub, masks), micro in zip(found, plans):
+            full = {}
+            for name in names:
+                mask = torch.zeros(
+                    len(micro.rows), micro.completion_length, dtype=torch.bool, device=self.device
+                )
+                if name in masks:
+                    mask[torch.as_tensor(local, device=self.device), : sub.completion_length] = masks[name]
+                full[name] = mask
+            selected.append(full)
+        return selected, counts.with_totals(**self._selection_totals(selected))
+
+    def _selection_totals(self, selected: list[dict[str, Tensor]]) -> dict[str, float]:
+        """Selected tokens per name over the mini-batch and every rank (one collective)."""
+        names = sorted({name for masks in selected for name in masks})
+        if not names:
+            return {}
+        local = torch.stack(
+            [sum(masks[name].sum() for masks in selected if name in masks).double() for name in names]
+        ).cpu()
+        summed = local if self._reduce is None else self._reduce(local)
+        return dict(zip(names, summed.tolist()))
+
+    def accumulate_gradients(
+        self, scorer: RolloutScorer, rows: list[int], record: bool = False
+    ) -> tuple[_StepStatistics, list[Tensor]]:
+        """Backward of one mini-batch's loss, micro-batch by micro-batch, into ``.grad``.
+
+        The gradients equal those of the whole mini-batch in one forward, whatever the micro-batch
+        settings (see ``BatchCounts``); the parameters are not updated.
+
+        Args:
+            scorer: the rollout batch's scorer (:meth:`scorer`).
+            rows: the mini-batch's rollout rows.
+            record: store the objective's per-token diagnostics in the rollout (for callbacks).
+
+        Returns:
+            The mini-batch's metrics (not yet merged) and each micro-batch's loss.
+        """
+        objective = self.objective
+        plans, counts, padding = self._plan(scorer, rows)
+        preselected = None
+        if objective.selects_tokens and objective.normalises_over_mini_batch and len(plans) > 1:
+            preselected, counts = self._select_in_advance(scorer, plans, counts)
+        requests = objective.view_requests()
+        view_rows = objective.view_rows(scorer.advantages)
+        step = _StepStatistics(padding=padding, micro_batches=len(plans))
+        losses = []
+        for index, micro in enumerate(plans):
+            inputs = scorer.inputs(micro, requests, view_rows, entropy=objective.needs_entropy)
+            inputs.counts = counts
+            if objective.selects_tokens:
+                if preselected is not None:
+                    inputs.selected = preselected[index]
+                elif objective.normalises_over_mini_batch:  # one micro-batch: its masks give the totals
+                    inputs.selected = objective.select_tokens(inputs).masks
+                    counts = counts.with_totals(**self._selection_totals([inputs.selected]))
+                    inputs.counts = counts
+            output = objective(inputs)
+            self._backward(output.loss, last=index == len(plans) - 1)
+            losses.append(output.loss.detach())
+            step.add(output.metrics)
+            if record:
+                scorer.rollout.record(output.diagnostics, torch.as_tensor(micro.rows, device=self.device))
+        return step, losses
+
+    def _backward(self, loss: Tensor, last: bool) -> None:
+        if self._trainer is None:  # used on its own (tests, notebooks): plain autograd
+            loss.backward()
+            return
+        # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+        blocking = getattr(self.trainer.strategy, "block_backward_sync", None)
+        with blocking() if blocking is not None and not last else nullcontext():
+            self.manual_backward(loss)
+
     def _optimizer_step(
-        self,
-        batch: PromptBatch,
-        rollout: Rollout,
-        rows: Tensor,
-        micro: int,
-        old_logprobs: Tensor | None,
-        frozen_views: dict[str, Tensor],
-        statistics: _StepStatistics,
-        record: bool,
+        self, scorer: RolloutScorer, rows: list[int], statistics: _StepStatistics, record: bool
     ) -> None:
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        chunks = list(torch.split(rows, micro))
-        finite = True
-        for index, chunk in enumerate(chunks):
-            try:
-                loss, metrics = self._micro_batch_loss(
-                    batch, rollout, chunk, old_logprobs, frozen_views, record
-                )
-                ok = bool(torch.isfinite(loss))
-                problem = "loss is not finite"
-            except NonFiniteError as error:
-                loss, metrics, ok, problem = None, {}, False, str(error)
-            # Every rank takes the same decision, or DDP would wait forever for a skipped backward.
-            if not self.trainer.strategy.reduce_boolean_decision(ok, all=True):
-                finite = False
-                log.warning(
-                    "step %d: skipping an optimizer step (%s)",
-                    self.global_step,
-                    problem if not ok else "on another rank",
-                )
-                break
-            last = index == len(chunks) - 1
-            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-            blocking = getattr(self.trainer.strategy, "block_backward_sync", None)
-            with blocking() if blocking is not None and not last else nullcontext():
-                self.manual_backward(loss / len(chunks))
-            statistics.add(metrics)
+        step, losses = self.accumulate_gradients(scorer, rows, record)
+        gradients = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
+        # One sync per optimizer step: a non-finite loss or gradient norm skips the step.
+        loss_finite = bool(torch.isfinite(torch.stack(losses)).all())
+        finite = loss_finite and bool(torch.isfinite(norm))
+        if self._reduce is not None:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
+            problem = "gradient norm" if loss_finite else "loss"
+            log.warning("step %d: skipping an optimizer step (non-finite %s)", self.global_step, problem)
             return
-        gradients = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
-        if gradients:
-            statistics.grad_norms.append(
-                float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in gradients])))
-            )
         if self.update_config.gradient_clip_val is not None:
             self.clip_gradients(
                 optimizer,
@@ -474,121 +577,14 @@ class CPPOModule(pl.LightningModule):
                 gradient_clip_algorithm="norm",
             )
         optimizer.step()
-
-    def _micro_batch_loss(
-        self,
-        batch: PromptBatch,
-        rollout: Rollout,
-        rows: Tensor,
-        old_logprobs: Tensor | None,
-        frozen_views: dict[str, Tensor],
-        record: bool,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        objective = self.objective
-        temperature = self.rollout_config.temperature
-        advantages = rollout.advantages[rows]
-        # Trim the padding columns no row of this micro-batch uses.
-        length = int(rollout.completion_mask[rows].any(dim=0).nonzero().max()) + 1
-        requests = [request for request in objective.view_requests() if request.with_grad]
-        view_rows = objective.view_rows(advantages).nonzero()[:, 0] if requests else None
-        parts = [(ORIGINAL, rows)] + [(request.name, rows[view_rows]) for request in requests]
-        inputs, completion, mask = self._stacked_inputs(batch, rollout, parts, length)
-        # One forward over every view: DDP/FSDP see a single forward per backward.
-        logits = completion_logits(self.policy.model, inputs, completion, mask)
-        logprobs = token_logprobs(logits, completion, temperature=temperature)
-        sizes = [len(part_rows) for _, part_rows in parts]
-        logits_parts = torch.split(logits, sizes)
-        logprob_parts = torch.split(logprobs, sizes)
-        response_mask = rollout.completion_mask[rows, :length]
-        entropy = token_entropy(logits_parts[0], temperature=temperature) if objective.needs_entropy else None
-        distribution = (
-            torch.log_softmax(logits_parts[0].float() / temperature, dim=-1)
-            if objective.needs_full_distribution
-            else None
-        )
-        views = {}
-        for request, view_logits, view_logprobs in zip(requests, logits_parts[1:], logprob_parts[1:]):
-            views[request.name] = ViewOutputs(
-                rows=view_rows,
-                logprobs=view_logprobs,
-                entropy=token_entropy(view_logits, temperature=temperature) if request.entropy else None,
-                log_distribution=(
-                    torch.log_softmax(view_logits.float() / temperature, dim=-1)
-                    if request.full_distribution
-                    else None
-                ),
-            )
-        for name, scores in frozen_views.items():
-            views[name] = ViewOutputs(
-                rows=torch.arange(len(rows), device=self.device), logprobs=scores[rows, :length]
-            )
-        reference = None
-        if objective.needs_reference:
-            self.reference_forwards += 1
-            with torch.no_grad(), self.policy.reference() as model:
-                ref_inputs, ref_completion, ref_mask = self._stacked_inputs(
-                    batch, rollout, [(ORIGINAL, rows)], length
-                )
-                reference = token_logprobs(
-                    completion_logits(model, ref_inputs, ref_completion, ref_mask),
-                    ref_completion,
-                    temperature=temperature,
-                )
-        objective_inputs = ObjectiveInputs(
-            logprobs=logprob_parts[0],
-            response_mask=response_mask,
-            advantages=advantages,
-            old_logprobs=old_logprobs[rows, :length] if old_logprobs is not None else None,
-            ref_logprobs=reference,
-            entropy=entropy,
-            log_distribution=distribution,
-            views=views,
-        )
-        loss, metrics = objective(objective_inputs)
-        if record:
-            self._record_entropies(rollout, rows, length, entropy, views)
-        return loss, metrics
-
-    # ------------------------------------------------------------------ what callbacks read
-
-    def _init_rollout_buffers(self, rollout: Rollout) -> None:
-        if self.objective.needs_entropy:
-            shape = rollout.completion_ids.shape
-            rollout.entropy = torch.full(shape, float("nan"), device=self.device)
-            rollout.entropy_removed = torch.full(shape, float("nan"), device=self.device)
-
-    def _record_entropies(
-        self, rollout: Rollout, rows: Tensor, length: int, entropy: Tensor | None, views: dict
-    ) -> None:
-        if entropy is None or rollout.entropy is None:
-            return
-        rollout.entropy[rows, :length] = entropy.detach().float()
-        removing = views.get("removing")
-        if removing is not None and removing.entropy is not None:
-            rollout.entropy_removed[rows[removing.rows], :length] = removing.entropy.detach().float()
-
-    def _finish_rollout_record(self, rollout: Rollout) -> None:
-        """Perception mask of the whole rollout, from the entropies the update computed."""
-        objective = self.objective
-        if rollout.entropy is None or not getattr(objective, "perception_mask", False):
-            return
-        # Rows without an I- forward: no entropy rise, nothing selected (as in the objective).
-        removed = torch.where(torch.isnan(rollout.entropy_removed), rollout.entropy, rollout.entropy_removed)
-        entropy = torch.nan_to_num(rollout.entropy)
-        rollout.perception_mask = perception_token_mask(
-            entropy,
-            torch.nan_to_num(removed),
-            rollout.completion_mask,
-            top_ratio=objective.top_ratio,
-            advantages=rollout.advantages if objective.advantage_gating else None,
-        )
+        step.grad_norm = norm.detach()
+        statistics.merge(step)
 
     # ------------------------------------------------------------------ logging
 
     def _log_training(
         self, rollout: Rollout, statistics: _StepStatistics, rollout_time: float, update_time: float
     ) -> None:
-        self._finish_rollout_record(rollout)
         self.reward_statistics.update(rollout.rewards, rollout.group_size)
         values = dict(self.reward_statistics.compute())
         self.reward_statistics.reset()
@@ -602,6 +598,7 @@ class CPPOModule(pl.LightningModule):
         values["response_length"] = lengths.mean()
         values["response_length_max"] = lengths.max()
         values.update(statistics.means())
+        values["forwards"] = float(statistics.forwards)
         values["skipped_steps"] = float(self.skipped_steps)
         values["lr"] = self.optimizers().param_groups[0]["lr"]
         timing = {

@@ -53,9 +53,9 @@ class Rollout:
         reward_terms: reward-function name -> [N] unweighted values.
         advantages: [N] group-normalised advantages.
         group_size: ``G``.
-        entropy: [N, C] full-vocabulary entropy under the original image (CPPO), from the update.
-        entropy_removed: [N, C] entropy under ``I-`` (NaN for rows where it was not computed).
-        perception_mask: [N, C] bool, the perception tokens CPPO used.
+        diagnostics: per-token values the objective reported during the update (first PPO epoch),
+            name -> [N, C] (NaN, or False for masks, where not computed). CPPO: ``entropy`` (under
+            ``I``), ``entropy_removed`` (under ``I-``), ``perception_mask``.
     """
 
     example_rows: Tensor
@@ -66,13 +66,37 @@ class Rollout:
     reward_terms: dict[str, Tensor]
     advantages: Tensor
     group_size: int
-    entropy: Tensor | None = None
-    entropy_removed: Tensor | None = None
-    perception_mask: Tensor | None = None
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
     batch: PromptBatch | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
+
+    @property
+    def entropy(self) -> Tensor | None:
+        """[N, C] full-vocabulary entropy under the original image (CPPO), from the update."""
+        return self.diagnostics.get("entropy")
+
+    @property
+    def entropy_removed(self) -> Tensor | None:
+        """[N, C] entropy under ``I-`` (NaN for rows where it was not computed)."""
+        return self.diagnostics.get("entropy_removed")
+
+    @property
+    def perception_mask(self) -> Tensor | None:
+        """[N, C] bool, the perception tokens CPPO used."""
+        return self.diagnostics.get("perception_mask")
+
+    def record(self, diagnostics: Mapping[str, Tensor], rows: Tensor) -> None:
+        """Store an objective's per-token diagnostics ([R, T] for rollout ``rows``) in ``diagnostics``."""
+        for name, values in diagnostics.items():
+            buffer = self.diagnostics.get(name)
+            if buffer is None:
+                fill = False if values.dtype == torch.bool else float("nan")
+                dtype = torch.bool if values.dtype == torch.bool else torch.float32
+                buffer = torch.full(self.completion_ids.shape, fill, dtype=dtype, device=values.device)
+                self.diagnostics[name] = buffer
+            buffer[rows, : values.shape[1]] = values.detach().to(buffer.dtype)
 
 
 def derived_seed(*keys: int | str) -> int:

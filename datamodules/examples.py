@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cppo_lightning.batch import ORIGINAL, EncodedPrompt
+from cppo_lightning.batch import ORIGINAL, TEXT_KEYS, EncodedPrompt
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ DEFAULT_PROMPT_TEMPLATE = (
 )
 
 _PLACEHOLDER = re.compile(r"<image\s*\d*>", re.IGNORECASE)
-_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 class ExampleError(ValueError):
@@ -274,7 +273,7 @@ class PromptEncoder:
         vision: dict[str, dict] = {}
         for view, image in views.items():
             outputs = dict(self.processor(images=[image], text=[text], return_tensors="pt"))
-            tokens = {key: outputs.pop(key)[0] for key in _TEXT_KEYS if key in outputs}
+            tokens = {key: outputs.pop(key)[0] for key in TEXT_KEYS if key in outputs}
             if not text_inputs:
                 text_inputs = tokens
             elif not all(

@@ -60,7 +60,7 @@ def demo_args(config, model_path, save_dir, steps=2, *overrides):
         "4",
         "--model.rollout.max_new_tokens",
         "10",
-        "--model.update.micro_batch_size",
+        "--model.update.micro_batch_rollouts",
         "8",
         "--model.evaluation.samples_per_question",
         "2",
@@ -96,11 +96,10 @@ def answer_is_no(prompts, completions, answers, **columns):
 import lightning.pytorch as pl  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from cppo_lightning.batch import EncodedPrompt, PromptBatch  # noqa: E402
+from cppo_lightning.batch import TEXT_KEYS, EncodedPrompt, PromptBatch  # noqa: E402
 
 # Each view is one solid colour, so a picture of the views shows which one was drawn where.
 VIEW_COLOURS = {"original": (255, 0, 0), "preserving": (0, 255, 0), "removing": (0, 0, 255)}
-TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 def solid(colour, size=56):
@@ -108,6 +107,38 @@ def solid(colour, size=56):
     image = np.zeros((size, size, 3), np.uint8)
     image[...] = colour
     return image
+
+
+def encoded_prompt(processor, question, images, example_id="ex", answer="0"):
+    """One example as the documented contract has it: the processor run on each view alone."""
+    text = chat_prompt(processor, question)  # the same tokens for every view
+    encoded = {
+        view: processor(images=[image], text=[text], return_tensors="pt") for view, image in images.items()
+    }
+    first = next(iter(encoded.values()))
+    return EncodedPrompt(
+        id=example_id,
+        text_inputs={key: first[key][0] for key in TEXT_KEYS if key in first},
+        vision={view: {k: v for k, v in out.items() if k not in TEXT_KEYS} for view, out in encoded.items()},
+        answer=answer,
+        question=question,
+        images=images,
+    )
+
+
+def prompt_batch(model_folder, questions, seed=0):
+    """A PromptBatch of random-image prompts with every view (I, I+, I-, masked all differ), left-padded."""
+    from cppo_lightning.models import load_processor
+
+    processor = load_processor(model_folder)
+    rng = np.random.default_rng(seed)
+    examples = []
+    for index, question in enumerate(questions):
+        images = {
+            view: rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for view in (*VIEW_COLOURS, "masked")
+        }
+        examples.append(encoded_prompt(processor, question, images, f"ex{index}"))
+    return PromptBatch.from_examples(examples, processor.tokenizer.pad_token_id)
 
 
 class HandWrittenDataModule(pl.LightningDataModule):
@@ -124,29 +155,16 @@ class HandWrittenDataModule(pl.LightningDataModule):
         processor = load_processor(model_folder)
         self.pad = processor.tokenizer.pad_token_id
         self.batch_size = batch_size
-        self.examples = []
-        for index in range(count):
-            text = chat_prompt(processor, question.format(index))  # the same tokens for every view
-            images = {view: solid(colour) for view, colour in VIEW_COLOURS.items()}
-            encoded = {
-                view: processor(images=[image], text=[text], return_tensors="pt")
-                for view, image in images.items()
-            }
-            self.examples.append(
-                EncodedPrompt(
-                    id=f"ex{index}",
-                    text_inputs={
-                        key: encoded["original"][key][0] for key in TEXT_KEYS if key in encoded["original"]
-                    },
-                    vision={
-                        view: {k: v for k, v in out.items() if k not in TEXT_KEYS}
-                        for view, out in encoded.items()
-                    },
-                    answer=str(index % 3),
-                    question=question.format(index),
-                    images=images,
-                )
+        self.examples = [
+            encoded_prompt(
+                processor,
+                question.format(index),
+                {view: solid(colour) for view, colour in VIEW_COLOURS.items()},
+                f"ex{index}",
+                str(index % 3),
             )
+            for index in range(count)
+        ]
 
     def collate(self, examples):
         return PromptBatch.from_examples(examples, self.pad)
@@ -158,6 +176,15 @@ class HandWrittenDataModule(pl.LightningDataModule):
         return DataLoader(self.examples[:2], batch_size=self.batch_size, collate_fn=self.collate)
 
 
+def quiet_trainer(steps, **kwargs):
+    """A CPU Trainer for ``steps`` optimizer steps, without logger, checkpoints or progress output."""
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(
+        max_steps=steps, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, **kwargs
+    )
+
+
 def small_module(model_folder, objective=None, **kwargs):
     """A CPPOModule sized for tests: G=4, 12 new tokens, one micro-batch, avg@2, a reward that varies."""
     from cppo_lightning.models import PolicyConfig
@@ -165,7 +192,42 @@ def small_module(model_folder, objective=None, **kwargs):
     from cppo_lightning.rollout import RolloutConfig
 
     kwargs.setdefault("rollout", RolloutConfig(samples_per_prompt=4, max_new_tokens=12))
-    kwargs.setdefault("update", UpdateConfig(micro_batch_size=8))
+    kwargs.setdefault("update", UpdateConfig(micro_batch_rollouts=8))
     kwargs.setdefault("evaluation", EvaluationConfig(samples_per_question=2))
     kwargs.setdefault("reward_functions", {varied_reward: 1.0})
     return CPPOModule(policy=PolicyConfig(str(model_folder)), objective=objective, **kwargs)
+
+
+def handmade_rollout(batch, group, lengths, advantages=None, seed=0, pad_token_id=0):
+    """A Rollout of ``G`` rows per prompt with random completions of the given lengths (no sampling).
+
+    Token ids are ordinary text tokens (10-199), so that no structural token (an image placeholder)
+    lands in a completion. ``advantages`` default: group-normalised random rewards.
+    """
+    import torch
+
+    from cppo_lightning.objectives import group_advantages
+    from cppo_lightning.rollout import Rollout
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = len(batch) * group
+    lengths = torch.as_tensor(lengths)
+    assert lengths.shape == (rows,), "one length per rollout row"
+    width = int(lengths.max())
+    ids = torch.randint(10, 200, (rows, width), generator=generator)
+    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    ids = ids.masked_fill(~mask, pad_token_id)
+    rewards = torch.randint(0, 3, (rows,), generator=generator).float()
+    if advantages is None:
+        advantages = group_advantages(rewards, group)
+    return Rollout(
+        example_rows=torch.arange(len(batch)).repeat_interleave(group),
+        completion_ids=ids,
+        completion_mask=mask,
+        completions=[""] * rows,
+        rewards=rewards,
+        reward_terms={},
+        advantages=torch.as_tensor(advantages, dtype=torch.float32),
+        group_size=group,
+        batch=batch,
+    )

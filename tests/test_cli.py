@@ -72,22 +72,42 @@ def test_unknown_config_key_is_rejected(capsys):
     assert "samples_per_promt" in capsys.readouterr().err
 
 
+def assert_logged_loss_adds_up(rows, objective):
+    """The logged total is the logged terms weighted as the config says (on every step)."""
+    weights = {"cppo": ("train/cpl", 0.01), "papo": ("train/implicit_perception_loss", 0.02)}
+    steps = [row for row in rows if row.get("train/loss") not in (None, "")]
+    assert steps
+    for row in steps:
+        total = float(row["train/policy_loss"]) + 0.01 * float(row["train/kl"])
+        if objective in weights:
+            name, weight = weights[objective]
+            total += weight * float(row[name])
+        assert float(row["train/loss"]) == pytest.approx(total, rel=1e-4, abs=1e-7)
+
+
 @pytest.mark.parametrize("objective", ["grpo", "cppo", "papo"])
 def test_fit_each_objective_in_process(objective, tiny_qwen, tmp_path):
-    cli = lightning_cli(demo_args(objective, tiny_qwen, tmp_path, 2))
+    cli = lightning_cli([*demo_args(objective, tiny_qwen, tmp_path, 2), *VARIED_REWARD])
     module = cli.model
     assert cli.trainer.global_step == 2
     rows = read_metrics(tmp_path)
-    assert last_value(rows, "train/reward_mean") is not None
-    assert last_value(rows, "val/avg@2") is not None
+    # varied_reward gives len % 3 in {0, 1, 2}; avg@2 grades with the accuracy reward, in [0, 1].
+    assert 0.0 <= last_value(rows, "train/reward_mean") <= 2.0
+    assert 0.0 <= last_value(rows, "val/avg@2") <= 1.0
+    assert_logged_loss_adds_up(rows, objective)
+    assert last_value(rows, "train/kl") >= 0.0  # k3 is non-negative
     if objective == "cppo":
-        assert last_value(rows, "train/cpl") is not None and module.last_rollout.perception_mask is not None
+        # Some rows have A > 0, so perception tokens exist; the CPL is a mean of softplus values.
+        assert 0.0 < last_value(rows, "train/perception_fraction") <= 1.0
+        assert last_value(rows, "train/cpl") > 0.0
+        assert module.last_rollout.perception_mask.any()
         assert set(module.last_rollout.batch.views) == {"original", "preserving", "removing"}
     if objective == "papo":
-        assert last_value(rows, "train/implicit_perception_loss") is not None
+        assert last_value(rows, "train/implicit_perception_loss") <= 0.0  # minus a k3 divergence
         assert set(module.last_rollout.batch.views) == {"original", "masked"}
     if objective == "grpo":
         assert module.last_rollout.batch.views == ("original",)
+        assert "train/cpl" not in rows[-1]
     # The resolved config, the checkpoint and the PEFT adapter with its processor are in the run folder.
     run = next(tmp_path.rglob("config.yaml")).parent
     assert (run / "checkpoints" / "last.ckpt").exists()
@@ -96,10 +116,14 @@ def test_fit_each_objective_in_process(objective, tiny_qwen, tmp_path):
 
 
 def test_cppo_on_the_second_architecture(tiny_llava, tmp_path):
-    cli = lightning_cli(demo_args("cppo", tiny_llava, tmp_path, 2))
+    cli = lightning_cli([*demo_args("cppo", tiny_llava, tmp_path, 2), *VARIED_REWARD])
     assert cli.trainer.global_step == 2
     assert type(cli.model.policy.unwrapped()).__name__ == "LlavaForConditionalGeneration"
-    assert last_value(read_metrics(tmp_path), "train/cpl") is not None
+    rows = read_metrics(tmp_path)
+    assert_logged_loss_adds_up(rows, "cppo")
+    assert 0.0 < last_value(rows, "train/perception_fraction") <= 1.0
+    mask = cli.model.last_rollout.perception_mask
+    assert mask.any() and not mask[cli.model.last_rollout.advantages <= 0].any()
 
 
 def test_qlora_fit_for_a_couple_of_steps(tiny_qwen, tmp_path):

@@ -20,7 +20,7 @@ def test_demo_pipeline_in_miniature(tiny_qwen, tmp_path, capsys):
     fit_args = (
         "--trainer.max_steps 2 --trainer.val_check_interval 2 --data.init_args.test_size 4"
         " --data.init_args.eval_batch_size 4 --model.rollout.samples_per_prompt 4 --model.rollout.max_new_tokens 8"
-        " --model.update.micro_batch_size 8 --model.evaluation.samples_per_question 2" + small_data
+        " --model.update.micro_batch_rollouts 8 --model.evaluation.samples_per_question 2" + small_data
     )
     argv = ["demo", "--output", str(tmp_path), "--warmstart-args", warm_args, "--fit-args", fit_args]
     stray = Path("config.yaml")  # the held-out evaluation runs without a logger: nothing may land here
@@ -61,7 +61,7 @@ def test_study_in_miniature(tiny_qwen, tmp_path):
     fit_args = (
         "--trainer.max_steps 2 --trainer.val_check_interval 2 --data.init_args.test_size 4"
         " --data.init_args.eval_batch_size 4 --model.rollout.samples_per_prompt 4 --model.rollout.max_new_tokens 6"
-        " --model.update.micro_batch_size 8 --model.evaluation.samples_per_question 2" + small_data
+        " --model.update.micro_batch_rollouts 8 --model.evaluation.samples_per_question 2" + small_data
     )
     argv = [
         "study",

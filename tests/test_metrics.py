@@ -20,6 +20,9 @@ def test_reward_statistics_by_hand():
 
 def test_average_accuracy_is_the_mean_of_per_question_means():
     metric = AverageAccuracy()
-    metric.update(torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))  # 0.25 and 1.0
-    metric.update(torch.tensor([[0.0, 0.0, 1.0, 1.0]]))  # 0.5
-    assert metric.compute() == pytest.approx((0.25 + 1.0 + 0.5) / 3)
+    metric.update(torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))  # k = 4: 0.25 and 1.0
+    metric.update(torch.tensor([[0.0, 1.0]]))  # k = 2: 0.5
+    # Per question: (0.25 + 1.0 + 0.5) / 3 = 0.583333. Pooled over the 10 samples it would be
+    # (1 + 4 + 1) / 10 = 0.6: the two differ because the questions have different k.
+    assert metric.compute() == pytest.approx(1.75 / 3)
+    assert metric.compute() != pytest.approx(0.6)

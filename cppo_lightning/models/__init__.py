@@ -12,13 +12,14 @@ from cppo_lightning.models.loading import (
     vision_tower,
 )
 from cppo_lightning.models.processors import ImageOnlyQwen2_5_VLProcessor, chat_prompt, load_processor
-from cppo_lightning.models.scoring import completion_mask, score_completions
+from cppo_lightning.models.scoring import LanguageModelHead, completion_mask, score_positions
 from cppo_lightning.models.tiny import SIZES, build_tiny_vlm, resolve_tiny_spec
 
 __all__ = [
     "LANGUAGE_MODEL_TARGETS",
     "SIZES",
     "ImageOnlyQwen2_5_VLProcessor",
+    "LanguageModelHead",
     "LoRAConfig",
     "Policy",
     "PolicyConfig",
@@ -31,6 +32,6 @@ __all__ = [
     "lora_target_names",
     "resolve_model_path",
     "resolve_tiny_spec",
-    "score_completions",
+    "score_positions",
     "vision_tower",
 ]

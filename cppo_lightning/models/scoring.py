@@ -1,8 +1,13 @@
-"""Re-scoring sampled completions: per-token log-probs (and entropies) under any image view.
+"""Re-scoring sampled completions: per-token log-probs, entropies and divergences under any image view.
 
-The prompt (left-padded, with its vision inputs) and the completion (right-padded after EOS) are run in
-one forward; logits are computed only over the completion positions (``logits_to_keep``), so a long
-prompt full of image tokens never materialises ``[rows, prompt_len, vocab]`` logits.
+The prompt (left-padded, with its vision inputs) and the completion (right-padded after EOS) run in one
+forward of the model's backbone. The language-model head is then applied **in chunks of response
+positions**: each chunk's logits live only while its log-probs (and, on request, entropies or
+divergences) are computed, and are recomputed in backward (activation checkpointing of the head). So
+no ``[rows, T, vocab]`` logits tensor is ever held: at Qwen2.5-VL's 151,936-token vocabulary, one such
+fp32 tensor for 6 rows x 2,048 tokens is 7.5 GB, more than the rest of the update together.
+
+Padding positions never reach the head: only response tokens are scored (0 elsewhere).
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-# Keys laid out along the token axis; everything else a processor returns is a vision input.
-TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+from cppo_lightning.objectives.functional import log_softmax_at, softmax_entropy
+
+# Logits (fp32 elements) of one head chunk when no chunk size is given: 2**25 elements = 128 MiB.
+DEFAULT_CHUNK_ELEMENTS = 2**25
 
 
 def completion_mask(completion_ids: Tensor, eos_token_ids: Iterable[int]) -> Tensor:
@@ -53,7 +61,10 @@ def with_completion(prompt_inputs: Mapping[str, Tensor], completion_ids: Tensor,
 def completion_logits(
     model: nn.Module, prompt_inputs: Mapping[str, Tensor], completion_ids: Tensor, mask: Tensor
 ) -> Tensor:
-    """Next-token logits at the completion positions.
+    """Full next-token logits at the completion positions (the unchunked reference path).
+
+    The update never calls this (see :func:`score_positions`); the supervised warm start, exports and
+    tests do.
 
     Args:
         model: a VLM (or a PEFT wrapper of one) that accepts ``logits_to_keep``.
@@ -72,47 +83,200 @@ def completion_logits(
     return outputs.logits[:, :-1]
 
 
+# ---------------------------------------------------------------------------------------------- the head
+
+
 @dataclass
-class ScoredCompletions:
-    """Per-token scores of completions under one image view.
+class LanguageModelHead:
+    """A VLM split into its backbone (everything up to the last hidden state) and its output head.
+
+    Every ``*ForConditionalGeneration`` class of transformers 5 computes
+    ``lm_head(self.model(...)[0])`` (Gemma adds a final logit soft-cap, applied here too), so
+    calling the two parts gives the model's own logits.
 
     Attributes:
-        logprobs: [R, C] sampled-token log-probs (with gradient if the forward had it).
-        entropy: [R, C] full-vocabulary entropies (no gradient), when requested.
-        logits: [R, C, V] the completion logits, when requested.
+        backbone: the inner ``model`` (vision tower + language model + final norm).
+        head: the output projection (``get_output_embeddings()``; a LoRA layer if LoRA targets it).
+        softcap: Gemma's ``final_logit_softcapping`` (None for the other architectures).
+    """
+
+    backbone: nn.Module
+    head: nn.Module
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LanguageModelHead:
+        """Split ``model`` (a transformers VLM, possibly inside a PEFT wrapper).
+
+        Raises:
+            TypeError: the model has no inner ``model`` and output embeddings to split.
+        """
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        backbone = getattr(base, "model", None)
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if not isinstance(backbone, nn.Module) or not isinstance(head, nn.Module):
+            raise TypeError(
+                f"{type(base).__name__} does not split into `.model` and an output head "
+                "(get_output_embeddings()): the chunked scoring path needs both"
+            )
+        config = getattr(base.config, "text_config", None) or base.config
+        softcap = getattr(config, "final_logit_softcapping", None) or getattr(
+            base.config, "final_logit_softcapping", None
+        )
+        return cls(backbone, head, softcap)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """[..., V] logits of hidden states [..., H], in float32 (or float64)."""
+        logits = self.head(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def completion_hidden_states(
+    model: nn.Module, prompt_inputs: Mapping[str, Tensor], completion_ids: Tensor, mask: Tensor
+) -> Tensor:
+    """[R, C, H] last hidden states at the positions that predict each completion token.
+
+    Args:
+        model: the VLM (or its PEFT wrapper); only its backbone runs.
+        prompt_inputs: see :func:`completion_logits`.
+        completion_ids (Tensor): [R, C].
+        mask (Tensor): [R, C] completion mask.
+    """
+    length = completion_ids.shape[1]
+    inputs = with_completion(prompt_inputs, completion_ids, mask)
+    hidden = LanguageModelHead.of(model).backbone(**inputs, use_cache=False)[0]
+    # The state predicting completion token t sits at position P + t - 1.
+    return hidden[:, -length - 1 : -1]
+
+
+def _chunk_length(vocab: int, chunk_tokens: int | None) -> int:
+    if chunk_tokens is not None:
+        if chunk_tokens < 1:
+            raise ValueError(
+                f"logits_chunk_tokens must be a positive number of positions, got {chunk_tokens}"
+            )
+        return chunk_tokens
+    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
+
+
+def _vocab_size(head: LanguageModelHead) -> int:
+    weight = getattr(head.head, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] > 1:
+        return int(weight.shape[0])
+    return int(getattr(head.head, "out_features", 0) or 0) or 2**17
+
+
+@dataclass
+class PositionScores:
+    """Scores of the selected response positions, flat over ``P`` positions.
+
+    Attributes:
+        logprobs: [P] sampled-token log-probs (with gradient when the forward had it).
+        entropy: [P] full-vocabulary entropies (no gradient), when requested.
     """
 
     logprobs: Tensor
     entropy: Tensor | None = None
-    logits: Tensor | None = None
 
 
-def score_completions(
-    model: nn.Module,
-    prompt_inputs: Mapping[str, Tensor],
-    completion_ids: Tensor,
-    mask: Tensor,
+def _score_chunk(
+    head: LanguageModelHead, hidden: Tensor, tokens: Tensor, temperature: float, entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    logits = head.logits(hidden)
+    logprobs = log_softmax_at(logits, tokens, temperature)
+    entropies = softmax_entropy(logits.detach(), temperature) if entropy else None
+    return logprobs, entropies
+
+
+def score_positions(
+    head: LanguageModelHead,
+    hidden: Tensor,
+    tokens: Tensor,
     temperature: float = 1.0,
     entropy: bool = False,
-    keep_logits: bool = False,
-) -> ScoredCompletions:
-    """Log-probs (and optionally entropies) of sampled completions under the model.
+    chunk_tokens: int | None = None,
+) -> PositionScores:
+    """Log-probs (and entropies) of ``tokens`` from hidden states, the head applied chunk by chunk.
+
+    With gradient enabled each chunk is checkpointed: its logits are freed after the forward and
+    recomputed in backward, so memory holds one chunk of logits at a time, never ``[P, V]``.
 
     Args:
-        model: the policy (or reference) network.
-        prompt_inputs: see :func:`completion_logits`.
-        completion_ids (Tensor): [R, C].
-        mask (Tensor): [R, C] completion mask.
+        head: the model's head (:meth:`LanguageModelHead.of`).
+        hidden (Tensor): [P, H] hidden states predicting ``tokens``.
+        tokens (Tensor): [P] token ids.
         temperature: the sampling temperature; logits are divided by it, as in ``generate``.
-        entropy: also return full-vocabulary entropies.
-        keep_logits: also return the raw logits (full-distribution ablations).
+        entropy: also return full-vocabulary entropies (no gradient).
+        chunk_tokens: positions per chunk; None: about 128 MiB of fp32 logits per chunk.
 
     Returns:
-        ScoredCompletions with ``logprobs`` [R, C] (and ``entropy`` [R, C]).
+        PositionScores with ``logprobs`` [P] (and ``entropy`` [P]).
     """
-    from cppo_lightning.objectives import token_entropy, token_logprobs
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    step = _chunk_length(_vocab_size(head), chunk_tokens)
+    differentiable = torch.is_grad_enabled() and hidden.requires_grad
+    logprobs, entropies = [], []
+    for start in range(0, hidden.shape[0], step):
+        part = (hidden[start : start + step], tokens[start : start + step])
+        if differentiable:
+            lp, h = checkpoint(
+                _score_chunk, head, *part, temperature, entropy, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            lp, h = _score_chunk(head, *part, temperature, entropy)
+        logprobs.append(lp)
+        entropies.append(h)
+    if not logprobs:
+        empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return PositionScores(empty, empty if entropy else None)
+    return PositionScores(torch.cat(logprobs), torch.cat(entropies) if entropy else None)
 
-    logits = completion_logits(model, prompt_inputs, completion_ids, mask)
-    logprobs = token_logprobs(logits, completion_ids, temperature=temperature)
-    entropies = token_entropy(logits, temperature=temperature) if entropy else None
-    return ScoredCompletions(logprobs, entropies, logits if keep_logits else None)
+
+def _divergence_chunk(head: LanguageModelHead, anchor: Tensor, other: Tensor, temperature: float) -> Tensor:
+    log_p = torch.log_softmax(head.logits(anchor) / temperature, dim=-1)
+    log_q = torch.log_softmax(head.logits(other) / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def divergence_positions(
+    head: LanguageModelHead,
+    anchor: Tensor,
+    other: Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> Tensor:
+    """Exact full-vocabulary ``KL(p_anchor || p_other)`` per position, the head applied in chunks.
+
+    The CPPO ``divergence="full_kl"`` ablation: gradient flows into both hidden states; each chunk is
+    checkpointed like :func:`score_positions` (two chunks of logits alive at a time).
+
+    Args:
+        head: the model's head.
+        anchor (Tensor): [P, H] hidden states under the original image.
+        other (Tensor): [P, H] hidden states of the same positions under a perturbed view.
+        temperature: the sampling temperature.
+        chunk_tokens: positions per chunk (None: automatic, halved for the two views).
+
+    Returns:
+        Tensor: [P] divergences.
+    """
+    step = max(1, _chunk_length(_vocab_size(head), chunk_tokens) // (1 if chunk_tokens else 2))
+    differentiable = torch.is_grad_enabled() and (anchor.requires_grad or other.requires_grad)
+    parts = []
+    for start in range(0, anchor.shape[0], step):
+        a, b = anchor[start : start + step], other[start : start + step]
+        if differentiable:
+            parts.append(
+                checkpoint(
+                    _divergence_chunk, head, a, b, temperature, use_reentrant=False, preserve_rng_state=False
+                )
+            )
+        else:
+            parts.append(_divergence_chunk(head, a, b, temperature))
+    if not parts:
+        return anchor.new_zeros(0, dtype=torch.promote_types(anchor.dtype, torch.float32))
+    return torch.cat(parts)

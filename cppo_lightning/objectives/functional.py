@@ -9,7 +9,9 @@ follow the CPPO paper (arXiv 2601.00501) and its reference release; each docstri
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,23 +22,28 @@ __all__ = [
     "AGGREGATIONS",
     "ADVANTAGE_SCALES",
     "DIVERGENCES",
+    "BatchCounts",
     "NonFiniteError",
     "check_finite",
     "check_same_shape",
     "group_advantages",
     "token_logprobs",
     "token_entropy",
+    "log_softmax_at",
+    "softmax_entropy",
     "k3_kl",
     "full_kl",
     "masked_aggregate",
+    "token_mean",
     "clipped_policy_loss",
     "perception_token_mask",
     "contrastive_perception_loss",
+    "contrastive_perception_loss_from_divergences",
     "implicit_perception_loss",
     "double_entropy_loss",
 ]
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "micro-batch-token-mean")
 ADVANTAGE_SCALES = ("std", "none")
 DIVERGENCES = ("k3", "full_kl")
 
@@ -46,7 +53,6 @@ LOG_RATIO_CLAMP = 20.0
 K3_CLAMP = 10.0
 ADVANTAGE_EPS = 1e-6
 PERCEPTION_EPS = 1e-6
-CPL_EPS = 1e-8
 # Elements of [*, V] logits processed at once by the chunked log-prob and entropy kernels when
 # no chunk size is given: 2**25 float32 elements = 128 MiB per temporary.
 DEFAULT_CHUNK_ELEMENTS = 2**25
@@ -90,6 +96,63 @@ def check_same_shape(**tensors: Tensor) -> None:
             raise ValueError(
                 f"{first_name} has shape {tuple(first.shape)} but {name} has shape {tuple(tensor.shape)}"
             )
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """Denominators of a mini-batch's loss, so that each micro-batch computes its exact share of it.
+
+    A mini-batch (the rollouts of one optimizer step) is scored in micro-batches whose gradients are
+    accumulated. With ``totals`` counted over the whole mini-batch on every rank, a micro-batch's term
+    is ``world_size * local_sum / total``: the micro-batch terms add up to the mini-batch mean of this
+    rank's share, and DDP's average of the gradients over ranks (hence ``world_size``) makes it the mean
+    over all ranks. The gradient of a mini-batch therefore does not depend on how it is cut into
+    micro-batches or spread over ranks, and neither do the logged metrics.
+
+    ``totals`` keys used by the functions here: ``"tokens"`` (response tokens), ``"sequences"`` (rows with
+    at least one response token), ``"rows"`` (all rows). Objectives add their own (CPPO: its perception
+    tokens, ``"perception"``, and ``"view:removing"``, the response tokens of rows with an ``I-`` view).
+
+    ``per_micro_batch=True`` is the reference release's semantics (verl's former ``token-mean``), kept
+    for exact reproduction: each micro-batch is normalised by its own counts and the micro-batch terms
+    are averaged, so the gradient changes with the micro-batch size. A key missing from ``totals`` is
+    normalised that way too; ``BatchCounts()`` is "this micro-batch is the whole mini-batch".
+
+    Attributes:
+        totals: count name -> count over the mini-batch, all ranks.
+        world_size: number of data-parallel ranks.
+        per_micro_batch: normalise each micro-batch by its own counts.
+        micro_batches: micro-batches in this rank's mini-batch (used by ``per_micro_batch``).
+    """
+
+    totals: Mapping[str, float] = field(default_factory=dict)
+    world_size: int = 1
+    per_micro_batch: bool = False
+    micro_batches: int = 1
+
+    def share(self, local_sum: Tensor, key: str, local_count: Tensor | float) -> Tensor:
+        """This micro-batch's share of the mean over the mini-batch's ``key`` elements.
+
+        Args:
+            local_sum: 0-dim sum over the micro-batch's ``key`` elements.
+            key: the count that normalises it.
+            local_count: how many ``key`` elements the micro-batch has (0-dim tensor or number).
+
+        Returns:
+            Tensor: 0-dim; ``local_sum / max(count, 1)`` with the mini-batch's or the local count.
+        """
+        if self.per_micro_batch or key not in self.totals:
+            count = torch.as_tensor(local_count, dtype=local_sum.dtype, device=local_sum.device)
+            return local_sum / count.clamp(min=1) / self.micro_batches
+        return local_sum * (self.world_size / max(float(self.totals[key]), 1.0))
+
+    def with_totals(self, **totals: float) -> BatchCounts:
+        """A copy with more (or replaced) totals."""
+        return dataclasses.replace(self, totals={**self.totals, **totals})
+
+    def local(self) -> BatchCounts:
+        """A copy that normalises by the micro-batch's own counts (the release's semantics)."""
+        return dataclasses.replace(self, per_micro_batch=True)
 
 
 def _check_rank(name: str, tensor: Tensor, rank: int, layout: str) -> None:
@@ -320,6 +383,36 @@ def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | No
     return out
 
 
+def log_softmax_at(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits / temperature)[token]`` for flat positions, without input checks.
+
+    The kernel of :func:`token_logprobs` for the update's hot path (the ids were checked when the
+    rollout was built): backward holds one gradient of the logits' size and no log-softmax copy.
+
+    Args:
+        logits (Tensor): [P, V].
+        tokens (Tensor): [P] ids in ``[0, V)``.
+        temperature: positive.
+
+    Returns:
+        Tensor: [P] log-probs, float32 (float64 for float64 logits).
+    """
+    return _TokenLogprobs.apply(logits.unsqueeze(0), tokens.long().unsqueeze(0), float(temperature), None)[0]
+
+
+def softmax_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Full-vocabulary entropy of ``softmax(logits / temperature)`` for flat positions, no gradient.
+
+    Args:
+        logits (Tensor): [P, V].
+        temperature: positive.
+
+    Returns:
+        Tensor: [P] entropies (see :func:`token_entropy`).
+    """
+    return token_entropy(logits.unsqueeze(0), temperature)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Divergences and aggregation
 # --------------------------------------------------------------------------------------------
@@ -360,21 +453,27 @@ def full_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def masked_aggregate(
-    values: Tensor, mask: Tensor, mode: str = "token-mean", max_length: int | None = None
+    values: Tensor,
+    mask: Tensor,
+    mode: str = "token-mean",
+    max_length: int | None = None,
+    counts: BatchCounts | None = None,
 ) -> Tensor:
-    """Reduce per-token values over the response tokens of a micro-batch.
+    """Reduce per-token values over the response tokens: one micro-batch's share of the mini-batch's.
 
-    Modes:
+    Modes (``N`` the counts over the whole mini-batch, all ranks; see :class:`BatchCounts`):
 
-    - ``"token-mean"``: ``sum(v * m) / sum(m)`` over the whole micro-batch (default).
-    - ``"seq-mean-token-mean"``: mean over rows of each row's token-mean; rows without any
-      response token are left out of the row mean.
-    - ``"seq-mean-token-sum"`` (Dr. GRPO): mean over all ``R`` rows of each row's token-sum,
+    - ``"token-mean"``: ``sum(v * m) / N_tokens`` (default).
+    - ``"seq-mean-token-mean"``: ``sum over rows of each row's token-mean / N_sequences``; rows
+      without any response token are left out.
+    - ``"seq-mean-token-sum"`` (Dr. GRPO): ``sum over rows of each row's token-sum / N_rows``,
       divided by ``max_length`` when given (a constant generation budget, so that no
       length-dependent normaliser biases the gradient).
+    - ``"micro-batch-token-mean"``: the reference release's: the micro-batch's own token-mean,
+      divided by the number of micro-batches (so it depends on how the mini-batch is split).
 
-    Masked-out positions never reach the result, even if they hold NaN. An all-zero mask
-    gives 0 with a zero (not NaN) gradient.
+    Without ``counts`` the micro-batch is the whole mini-batch. Masked-out positions never reach
+    the result, even if they hold NaN. An all-zero mask gives 0 with a zero (not NaN) gradient.
 
     Args:
         values (Tensor): [R, T] per-token values.
@@ -382,24 +481,26 @@ def masked_aggregate(
         mode: One of ``AGGREGATIONS``.
         max_length: Only for ``"seq-mean-token-sum"``: constant divisor, e.g. the maximum
             response length.
+        counts: The mini-batch's denominators (None: this micro-batch's own).
 
     Returns:
         Tensor: 0-dim aggregate.
     """
     _check_choice("aggregation", mode, AGGREGATIONS)
     check_same_shape(values=values, mask=mask)
+    counts = counts if counts is not None else BatchCounts()
+    if mode == "micro-batch-token-mean":
+        counts = counts.local()
     mask = mask.bool()
     masked = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
     # Counts in at least float32: bfloat16 cannot even count past 256 exactly.
-    counts = mask.sum(dim=-1).to(torch.promote_types(values.dtype, torch.float32))
-    if mode == "token-mean":
-        return masked.sum() / counts.sum().clamp(min=1)
+    row_counts = mask.sum(dim=-1).to(torch.promote_types(values.dtype, torch.float32))
+    if mode in ("token-mean", "micro-batch-token-mean"):
+        return counts.share(masked.sum(), "tokens", row_counts.sum())
     if mode == "seq-mean-token-mean":
-        row_means = masked.sum(dim=-1) / counts.clamp(min=1)
-        rows_with_tokens = (counts > 0).sum().to(values.dtype)
-        return row_means.sum() / rows_with_tokens.clamp(min=1)
-    row_sums = masked.sum(dim=-1)
-    result = row_sums.sum() / max(1, row_sums.numel())
+        row_means = masked.sum(dim=-1) / row_counts.clamp(min=1)
+        return counts.share(row_means.sum(), "sequences", (row_counts > 0).sum())
+    result = counts.share(masked.sum(), "rows", values.shape[0])
     if max_length is not None:
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
@@ -407,9 +508,22 @@ def masked_aggregate(
     return result
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Detached token-mean for metrics."""
-    return masked_aggregate(values.detach().float(), mask, "token-mean")
+def token_mean(
+    values: Tensor, mask: Tensor, counts: BatchCounts | None = None, key: str = "tokens"
+) -> Tensor:
+    """Detached mean of ``values`` over the masked tokens, as a micro-batch share (for metrics).
+
+    Args:
+        values (Tensor): [R, T].
+        mask (Tensor): [R, T] bool, the tokens the mean runs over.
+        counts: The mini-batch's denominators (None: this micro-batch's own).
+        key: Which total of ``counts`` counts the masked tokens.
+    """
+    values = values.detach().float()
+    mask = mask.bool()
+    counts = counts if counts is not None else BatchCounts()
+    masked = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return counts.share(masked.sum(), key, mask.sum())
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,6 +553,7 @@ def clipped_policy_loss(
     eps_high: float = 0.2,
     dual_clip: float | None = 3.0,
     aggregation: str = "token-mean",
+    counts: BatchCounts | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate with dual clip, aggregated over response tokens.
 
@@ -456,6 +571,10 @@ def clipped_policy_loss(
         eps_high: Upper clip range: ``rho <= 1 + eps_high``.
         dual_clip: Dual-clip constant ``c > 1`` for negative advantages; ``None`` disables it.
         aggregation: One of ``AGGREGATIONS``.
+        counts: The mini-batch's denominators (None: this micro-batch is the mini-batch).
+
+    Non-finite inputs are not checked here (that would cost a device sync per tensor): they make the
+    loss non-finite, and the training module skips that optimizer step.
 
     Returns:
         tuple[Tensor, dict[str, Tensor]]: the 0-dim loss, and detached 0-dim metrics (token
@@ -465,9 +584,8 @@ def clipped_policy_loss(
     """
     check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
     adv = _row_advantages(advantages, logprobs)
-    check_finite("logprobs", logprobs)
-    check_finite("old_logprobs", old_logprobs)
-    check_finite("advantages", advantages)
+    if aggregation == "micro-batch-token-mean" and counts is not None:
+        counts = counts.local()
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be greater than 1 (or None), got {dual_clip}")
 
@@ -476,16 +594,16 @@ def clipped_policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     pg = torch.maximum(unclipped, clipped)
-    metrics = {"clip_fraction": _masked_mean((clipped > unclipped).float(), mask)}
+    metrics = {"clip_fraction": token_mean((clipped > unclipped).float(), mask, counts)}
     if dual_clip is not None:
         bound = -dual_clip * adv
         dual_active = (adv < 0) & (pg > bound)
         pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
-        metrics["dual_clip_fraction"] = _masked_mean(dual_active.float(), mask)
+        metrics["dual_clip_fraction"] = token_mean(dual_active.float(), mask, counts)
     else:
         metrics["dual_clip_fraction"] = torch.zeros((), device=logprobs.device)
-    metrics["ratio_mean"] = _masked_mean(ratio, mask)
-    return masked_aggregate(pg, mask, aggregation), metrics
+    metrics["ratio_mean"] = token_mean(ratio, mask, counts)
+    return masked_aggregate(pg, mask, aggregation, counts=counts), metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +626,7 @@ def perception_token_mask(
     |P_i|))`` eligible tokens by ``s`` (every token tied with the k-th is kept, so a row can
     keep more than ``k_i``); a row without eligible tokens keeps none. The result is ANDed
     with the response mask and, when ``advantages`` is given, with ``A_i > 0`` (strict).
-    Computed without gradient: the mask only selects.
+    Computed without gradient: the mask only selects. A NaN entropy makes its token ineligible.
 
     Args:
         entropy (Tensor): [R, T] full-vocab entropy under the original image ``I``.
@@ -524,8 +642,6 @@ def perception_token_mask(
     _check_rank("entropy", entropy, 2, "[R, T]")
     if not 0.0 < top_ratio <= 1.0:
         raise ValueError(f"top_ratio must be in (0, 1], got {top_ratio}")
-    check_finite("entropy", entropy)
-    check_finite("entropy_removed", entropy_removed)
     entropy, entropy_removed = entropy.detach().float(), entropy_removed.detach().float()
     response = response_mask.bool()
     if entropy.shape[-1] == 0:
@@ -546,7 +662,6 @@ def perception_token_mask(
                 f"advantages has shape {tuple(advantages.shape)} but entropy has shape "
                 f"{tuple(entropy.shape)}; expected advantages [R]"
             )
-        check_finite("advantages", advantages)
         selected &= (advantages.detach() > 0).unsqueeze(-1)
     return selected
 
@@ -558,11 +673,13 @@ def contrastive_perception_loss(
     mask: Tensor,
     tau: float = 0.1,
     divergence: str = "k3",
+    counts: BatchCounts | None = None,
+    count_key: str = "perception",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Contrastive Perception Loss (CPL): InfoNCE with similarity ``-KL``.
 
     ``D+ = KL(pi(.|I) || pi(.|I+))``, ``D- = KL(pi(.|I) || pi(.|I-))``,
-    ``cpl = softplus((D+ - D-) / tau)``, ``L = sum(M * cpl) / (sum(M) + 1e-8)``. Pulls the
+    ``cpl = softplus((D+ - D-) / tau)``, ``L = sum(M * cpl) / max(sum(M), 1)``. Pulls the
     information-preserving view towards the original and pushes the information-removing view
     away. All three inputs receive gradient (no stop-gradient on any branch, as in the
     release). ``L`` is 0 when ``M`` selects nothing and stays connected to the graph.
@@ -576,20 +693,18 @@ def contrastive_perception_loss(
         tau: Temperature, positive.
         divergence: ``"k3"`` (sampled-token estimate, default) or ``"full_kl"`` (exact
             full-vocabulary KL; ablation).
+        counts: The mini-batch's denominators; ``sum(M)`` is then the mini-batch's count
+            ``counts.totals[count_key]`` (None: this call's own mask).
+        count_key: Which total counts the selected tokens.
 
     Returns:
         tuple[Tensor, dict[str, Tensor]]: the 0-dim loss, and detached 0-dim metrics (means over
         ``M``, 0 when empty): ``cpl``, ``divergence_preserving``, ``divergence_removing``.
     """
     _check_choice("divergence", divergence, DIVERGENCES)
-    if not tau > 0:
-        raise ValueError(f"tau must be positive, got {tau}")
     check_same_shape(
         logprobs=logprobs, logprobs_preserving=logprobs_preserving, logprobs_removing=logprobs_removing
     )
-    check_finite("logprobs", logprobs)
-    check_finite("logprobs_preserving", logprobs_preserving)
-    check_finite("logprobs_removing", logprobs_removing)
     if divergence == "k3":
         check_same_shape(logprobs=logprobs, mask=mask)
         d_plus = k3_kl(logprobs, logprobs_preserving)
@@ -603,14 +718,46 @@ def contrastive_perception_loss(
             )
         d_plus = full_kl(logprobs, logprobs_preserving)
         d_minus = full_kl(logprobs, logprobs_removing)
+    return contrastive_perception_loss_from_divergences(d_plus, d_minus, mask, tau, counts, count_key)
+
+
+def contrastive_perception_loss_from_divergences(
+    divergence_preserving: Tensor,
+    divergence_removing: Tensor,
+    mask: Tensor,
+    tau: float = 0.1,
+    counts: BatchCounts | None = None,
+    count_key: str = "perception",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The CPL from per-token divergences ``D+`` and ``D-`` (see :func:`contrastive_perception_loss`).
+
+    Args:
+        divergence_preserving (Tensor): [R, T] ``D+`` (with gradient).
+        divergence_removing (Tensor): [R, T] ``D-`` (with gradient).
+        mask (Tensor): [R, T] bool perception-token mask ``M``.
+        tau: Temperature, positive.
+        counts: The mini-batch's denominators (None: this call's own mask).
+        count_key: Which total counts the selected tokens.
+
+    Returns:
+        tuple[Tensor, dict[str, Tensor]]: the 0-dim loss and the metrics ``cpl``,
+        ``divergence_preserving``, ``divergence_removing``.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    check_same_shape(
+        divergence_preserving=divergence_preserving, divergence_removing=divergence_removing, mask=mask
+    )
+    counts = counts if counts is not None else BatchCounts()
     mask = mask.bool()
-    cpl = F.softplus((d_plus - d_minus) / tau)
+    cpl = F.softplus((divergence_preserving - divergence_removing) / tau)
     selected = torch.where(mask, cpl, torch.zeros((), dtype=cpl.dtype, device=cpl.device))
-    loss = selected.sum() / (mask.sum().to(torch.promote_types(cpl.dtype, torch.float32)) + CPL_EPS)
+    selected_count = mask.sum()
+    loss = counts.share(selected.sum(), count_key, selected_count)
     metrics = {
-        "cpl": _masked_mean(cpl, mask),
-        "divergence_preserving": _masked_mean(d_plus, mask),
-        "divergence_removing": _masked_mean(d_minus, mask),
+        "cpl": token_mean(cpl, mask, counts, count_key),
+        "divergence_preserving": token_mean(divergence_preserving, mask, counts, count_key),
+        "divergence_removing": token_mean(divergence_removing, mask, counts, count_key),
     }
     return loss, metrics
 
@@ -621,7 +768,11 @@ def contrastive_perception_loss(
 
 
 def implicit_perception_loss(
-    logprobs: Tensor, masked_logprobs: Tensor, mask: Tensor, aggregation: str = "token-mean"
+    logprobs: Tensor,
+    masked_logprobs: Tensor,
+    mask: Tensor,
+    aggregation: str = "token-mean",
+    counts: BatchCounts | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PAPO's implicit perception loss: ``-aggregate(k3(lp^I, lp^{Imask}))``.
 
@@ -634,20 +785,24 @@ def implicit_perception_loss(
         masked_logprobs (Tensor): [R, T] log-probs of the same tokens under the masked image.
         mask (Tensor): [R, T] bool response mask.
         aggregation: One of ``AGGREGATIONS``.
+        counts: The mini-batch's denominators (None: this micro-batch is the mini-batch).
 
     Returns:
         tuple[Tensor, dict[str, Tensor]]: the 0-dim loss (to be minimised, weighted by
         ``gamma``), and ``{"implicit_perception_loss": loss.detach()}``.
     """
     check_same_shape(logprobs=logprobs, masked_logprobs=masked_logprobs, mask=mask)
-    check_finite("logprobs", logprobs)
-    check_finite("masked_logprobs", masked_logprobs)
-    loss = -masked_aggregate(k3_kl(logprobs, masked_logprobs), mask, aggregation)
+    loss = -masked_aggregate(k3_kl(logprobs, masked_logprobs), mask, aggregation, counts=counts)
     return loss, {"implicit_perception_loss": loss.detach()}
 
 
 def double_entropy_loss(
-    logprobs: Tensor, masked_logprobs: Tensor, mask: Tensor, eta_original: float, eta_masked: float
+    logprobs: Tensor,
+    masked_logprobs: Tensor,
+    mask: Tensor,
+    eta_original: float,
+    eta_masked: float,
+    counts: BatchCounts | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PAPO's double entropy regulariser with the sampled-token NLL as entropy estimate.
 
@@ -661,14 +816,13 @@ def double_entropy_loss(
         mask (Tensor): [R, T] bool response mask.
         eta_original: Weight of the entropy under the original image.
         eta_masked: Weight of the entropy under the masked image.
+        counts: The mini-batch's denominators (None: this micro-batch is the mini-batch).
 
     Returns:
         tuple[Tensor, dict[str, Tensor]]: the 0-dim loss and ``{"double_entropy": loss.detach()}``.
     """
     check_same_shape(logprobs=logprobs, masked_logprobs=masked_logprobs, mask=mask)
-    check_finite("logprobs", logprobs)
-    check_finite("masked_logprobs", masked_logprobs)
-    loss = eta_original * masked_aggregate(-logprobs, mask) + eta_masked * masked_aggregate(
-        -masked_logprobs, mask
+    loss = eta_original * masked_aggregate(-logprobs, mask, counts=counts) + eta_masked * masked_aggregate(
+        -masked_logprobs, mask, counts=counts
     )
     return loss, {"double_entropy": loss.detach()}

@@ -1,14 +1,25 @@
 """Objective classes: GRPO, CPPO and PAPO composed from the functions in ``functional``.
 
 An objective tells the training module what it needs (reference log-probs, entropies, which
-perturbed image views, for which rows) and turns those tensors into ``(loss, metrics)``. It is
-chosen in YAML by ``class_path: cppo_lightning.objectives.CPPO``; constructor arguments are the
-hyperparameters, with the defaults of the CPPO paper (arXiv 2601.00501) and its reference release.
+perturbed image views, for which rows) and turns those tensors into a loss, metrics and
+diagnostics. It is chosen in YAML by ``class_path: cppo_lightning.objectives.CPPO``; its fields are
+the hyperparameters, with the defaults of the CPPO paper (arXiv 2601.00501) and its reference release.
+
+The contract with the module, for one micro-batch of ``R`` rollouts and ``T`` response positions:
+
+1. ``view_requests()`` and ``view_rows(advantages)``: which image views to score, for which rows.
+2. ``select_tokens(inputs)`` (CPPO): tokens chosen without gradient before the loss, whose count
+   over the whole mini-batch normalises a loss term. The module sums the masks over the
+   mini-batch (a no-grad pass first when the mini-batch spans several micro-batches) and passes
+   the totals back in ``inputs.counts``, so the loss does not depend on the micro-batch size.
+3. ``__call__(inputs) -> ObjectiveOutput``: this micro-batch's share of the mini-batch loss.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import importlib
+from abc import ABC
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,14 +31,16 @@ from cppo_lightning.objectives.functional import (
     ADVANTAGE_SCALES,
     AGGREGATIONS,
     DIVERGENCES,
-    check_finite,
+    BatchCounts,
     clipped_policy_loss,
     contrastive_perception_loss,
+    contrastive_perception_loss_from_divergences,
     double_entropy_loss,
     implicit_perception_loss,
     k3_kl,
     masked_aggregate,
     perception_token_mask,
+    token_mean,
 )
 
 __all__ = [
@@ -35,8 +48,10 @@ __all__ = [
     "REMOVING",
     "MASKED",
     "ViewRequest",
-    "ViewOutputs",
+    "ViewScores",
+    "TokenSelection",
     "ObjectiveInputs",
+    "ObjectiveOutput",
     "Objective",
     "GRPO",
     "CPPO",
@@ -46,39 +61,61 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ViewRequest:
     """What an objective needs from one perturbed image view.
 
     Args:
         name: ``"preserving"`` (I+), ``"removing"`` (I-) or ``"masked"`` (PAPO).
-        with_grad: True: computed in the update forward with gradient. False: computed once
-            before the update under no_grad with the pre-update policy.
+        with_grad: True: computed in the update forward with gradient, for ``view_rows``.
+            False: computed once before the update under no_grad with the pre-update policy, for
+            every row.
         entropy: The full-vocabulary entropy under this view is needed.
-        full_distribution: The full log-distribution under this view is needed.
+        divergence: The exact full-vocabulary ``KL(pi(.|I) || pi(.|view))`` per token is needed
+            (computed chunk by chunk, with gradient).
     """
 
     name: str
     with_grad: bool
     entropy: bool = False
-    full_distribution: bool = False
+    divergence: bool = False
 
 
 @dataclass
-class ViewOutputs:
-    """The policy's outputs on one perturbed view, for a subset of the micro-batch rows.
+class ViewScores:
+    """The policy on one perturbed view, dense over the ``R`` rows of a micro-batch.
+
+    Rows for which the view was not computed hold the original image's values: ``lp^I``
+    (detached) and ``H^I``, so that any divergence or entropy shift there is exactly 0.
 
     Args:
-        rows: long [R'] indices into the R rows of the micro-batch (unique).
-        logprobs: [R', T] sampled-token log-probs under the view.
-        entropy: [R', T] full-vocab entropy under the view, if requested.
-        log_distribution: [R', T, V] log-distribution under the view, if requested.
+        logprobs: [R, T] sampled-token log-probs under the view.
+        rows: [R] bool, the rows that have the view.
+        entropy: [R, T] full-vocabulary entropy under the view (no gradient), if requested.
+        divergence: [R, T] exact ``KL(pi(.|I) || pi(.|view))`` (0 outside ``rows``), if requested.
     """
 
-    rows: Tensor
     logprobs: Tensor
+    rows: Tensor
     entropy: Tensor | None = None
-    log_distribution: Tensor | None = None
+    divergence: Tensor | None = None
+
+
+@dataclass
+class TokenSelection:
+    """Tokens an objective selects without gradient before computing its loss.
+
+    Args:
+        masks: count name -> [R, T] bool mask. The module sums each over the mini-batch (all
+            ranks) into ``BatchCounts.totals[name]``.
+        metrics: detached 0-dim metric shares (see :class:`BatchCounts`).
+        diagnostics: [R, T] tensors the callbacks draw (CPPO: ``entropy``, ``entropy_removed``,
+            ``perception_mask``).
+    """
+
+    masks: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,11 +127,14 @@ class ObjectiveInputs:
         response_mask: [R, T] bool, True on response (non-padding) tokens.
         advantages: [R] one advantage per rollout.
         old_logprobs: [R, T] rollout-policy log-probs; None means ``lp_old = lp.detach()``
-            (one optimizer step per rollout batch).
+            (one optimizer step per rollout batch, sampled by the trained network itself).
         ref_logprobs: [R, T] reference-policy log-probs; present iff ``needs_reference``.
-        entropy: [R, T] full-vocab entropy under ``I`` (no gradient).
-        log_distribution: [R, T, V] log-distribution under ``I``, with gradient.
-        views: Outputs on the perturbed views, keyed by ``ViewRequest.name``.
+        entropy: [R, T] full-vocab entropy under ``I`` (no gradient), when computed.
+        views: Scores on the perturbed views, keyed by ``ViewRequest.name``.
+        counts: The mini-batch's denominators (None: this micro-batch is the whole mini-batch).
+        selected: token masks chosen beforehand (``select_tokens(...).masks`` from the module's
+            no-grad pass, so that their mini-batch totals are known before any backward);
+            ``select_tokens`` then uses them instead of choosing again.
     """
 
     logprobs: Tensor
@@ -103,8 +143,24 @@ class ObjectiveInputs:
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
     entropy: Tensor | None = None
-    log_distribution: Tensor | None = None
-    views: dict[str, ViewOutputs] = field(default_factory=dict)
+    views: dict[str, ViewScores] = field(default_factory=dict)
+    counts: BatchCounts | None = None
+    selected: dict[str, Tensor] | None = None
+
+
+@dataclass
+class ObjectiveOutput:
+    """What an objective returns for one micro-batch.
+
+    Args:
+        loss: 0-dim, this micro-batch's share of the mini-batch loss (the shares add up to it).
+        metrics: detached 0-dim shares of the mini-batch metrics (see "Logged metrics").
+        diagnostics: [R, T] tensors for callbacks (e.g. CPPO's perception mask).
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -112,22 +168,13 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _check_rows_tensor(name: str, shape: tuple[int, ...], tensor: Tensor, what: str) -> None:
+def _check_shape(name: str, tensor: Tensor, shape: tuple[int, ...], what: str) -> None:
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)} but {what} {shape}")
 
 
-def _scatter_rows(base: Tensor, rows: Tensor, values: Tensor) -> Tensor:
-    """``base`` with ``base[rows] = values``, out of place; gradient flows into ``values``.
-
-    Always going through the full [R, T] tensor (also when ``rows`` covers every row) keeps
-    every later elementwise op on identically laid-out data, which makes the row-subset path
-    bitwise equal to the all-rows path.
-    """
-    return torch.index_put(base, (rows,), values.to(base.dtype))
-
-
-class Objective:
+@dataclass
+class Objective(ABC):
     """GRPO semantics shared by every objective: clipped policy gradient + ``beta`` * k3 KL.
 
     ``L = L_PG + beta * L_KL`` with the PPO clipped surrogate (dual clip for ``A < 0``) and the
@@ -141,7 +188,7 @@ class Objective:
         - ``clip_fraction``: fraction of response tokens where the clipped ratio is used.
         - ``dual_clip_fraction``: fraction of response tokens bounded by the dual clip.
         - ``ratio_mean``: mean importance ratio over response tokens.
-        - ``entropy``: mean full-vocab entropy under ``I`` (when the module supplies it).
+        - ``entropy``: mean full-vocab entropy under ``I`` (when the module computes it).
 
     Args:
         beta: Weight of the k3 KL to the reference policy; 0 skips the reference forward.
@@ -149,39 +196,37 @@ class Objective:
         eps_high: Upper clip range of the importance ratio (``rho <= 1 + eps_high``).
         dual_clip: Dual-clip constant (> 1) bounding the loss of tokens with negative
             advantage; None disables it.
-        aggregation: How per-token losses are reduced: ``"token-mean"``,
-            ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum"`` (Dr. GRPO).
+        aggregation: How per-token losses are reduced over a mini-batch: ``"token-mean"``,
+            ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"`` (Dr. GRPO), all independent of the
+            micro-batch size, or ``"micro-batch-token-mean"``, the reference release's token-mean
+            per micro-batch averaged over micro-batches (also for the CPL's masked mean).
         advantage_scale: ``"std"`` (GRPO) or ``"none"`` (Dr. GRPO, no division by the group
             std); read by the training module when it computes advantages.
     """
 
-    def __init__(
-        self,
-        beta: float = 0.01,
-        eps_low: float = 0.2,
-        eps_high: float = 0.2,
-        dual_clip: float | None = 3.0,
-        aggregation: str = "token-mean",
-        advantage_scale: str = "std",
-    ) -> None:
-        _require(beta >= 0, f"beta must be >= 0, got {beta}")
-        _require(0 <= eps_low < 1, f"eps_low must be in [0, 1), got {eps_low}")
-        _require(eps_high >= 0, f"eps_high must be >= 0, got {eps_high}")
-        _require(dual_clip is None or dual_clip > 1, f"dual_clip must be > 1 or None, got {dual_clip}")
+    beta: float = 0.01
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = 3.0
+    aggregation: str = "token-mean"
+    advantage_scale: str = "std"
+
+    def __post_init__(self) -> None:
+        _require(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        _require(0 <= self.eps_low < 1, f"eps_low must be in [0, 1), got {self.eps_low}")
+        _require(self.eps_high >= 0, f"eps_high must be >= 0, got {self.eps_high}")
         _require(
-            aggregation in AGGREGATIONS,
-            f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}",
+            self.dual_clip is None or self.dual_clip > 1,
+            f"dual_clip must be > 1 or None, got {self.dual_clip}",
         )
         _require(
-            advantage_scale in ADVANTAGE_SCALES,
-            f"unknown advantage_scale {advantage_scale!r}; expected one of {', '.join(ADVANTAGE_SCALES)}",
+            self.aggregation in AGGREGATIONS,
+            f"unknown aggregation {self.aggregation!r}; expected one of {', '.join(AGGREGATIONS)}",
         )
-        self.beta = beta
-        self.eps_low = eps_low
-        self.eps_high = eps_high
-        self.dual_clip = dual_clip
-        self.aggregation = aggregation
-        self.advantage_scale = advantage_scale
+        _require(
+            self.advantage_scale in ADVANTAGE_SCALES,
+            f"unknown advantage_scale {self.advantage_scale!r}; expected one of {', '.join(ADVANTAGE_SCALES)}",
+        )
 
     # ---- what the training module must compute -------------------------------------------
 
@@ -192,20 +237,25 @@ class Objective:
 
     @property
     def needs_entropy(self) -> bool:
-        """The full-vocab entropy under the original image is needed."""
+        """The full-vocab entropy under the original image is needed (by ``select_tokens``)."""
         return False
 
     @property
-    def needs_full_distribution(self) -> bool:
-        """Full log-distributions (``ObjectiveInputs.log_distribution``) are needed."""
+    def selects_tokens(self) -> bool:
+        """Whether ``select_tokens`` returns a selection whose mini-batch count normalises the loss."""
         return False
+
+    @property
+    def normalises_over_mini_batch(self) -> bool:
+        """False for the release's per-micro-batch aggregation (no mini-batch totals needed)."""
+        return self.aggregation != "micro-batch-token-mean"
 
     def view_requests(self) -> list[ViewRequest]:
         """The perturbed image views this objective needs (none for GRPO)."""
         return []
 
     def view_rows(self, advantages: Tensor) -> Tensor:
-        """Rows for which the perturbed views must be computed.
+        """Rows for which the with-gradient views must be computed.
 
         Args:
             advantages (Tensor): [R] advantages of the micro-batch.
@@ -215,20 +265,38 @@ class Objective:
         """
         return torch.zeros_like(advantages, dtype=torch.bool)
 
+    def select_tokens(self, inputs: ObjectiveInputs) -> TokenSelection | None:
+        """Tokens selected without gradient (see the module docstring); None for GRPO and PAPO.
+
+        The module's no-grad pass calls it on the ``view_rows`` only, with only what that pass
+        computes: ``entropy`` if ``needs_entropy`` and the views whose request asks for ``entropy``.
+        So a selection must be empty outside ``view_rows``. Masks given in ``inputs.selected`` are
+        used as they are; metrics and diagnostics are computed from ``inputs``.
+        """
+        return None
+
+    def counts(self, inputs: ObjectiveInputs) -> BatchCounts:
+        """The denominators this objective aggregates with (its own for the release's aggregation)."""
+        counts = inputs.counts if inputs.counts is not None else BatchCounts()
+        return counts if self.normalises_over_mini_batch else counts.local()
+
     # ---- the loss ---------------------------------------------------------------------------
 
-    def __call__(self, inputs: ObjectiveInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
         """Loss of one micro-batch.
 
+        Non-finite values are not checked here (each check is a device sync): they make the loss
+        non-finite, and the training module skips that optimizer step and counts it.
+
         Args:
-            inputs: The tensors listed in ``ObjectiveInputs``; the views of ``view_requests``
-                for (at least) the rows of ``view_rows``.
+            inputs: The tensors listed in ``ObjectiveInputs``; the views of ``view_requests``.
 
         Returns:
-            tuple[Tensor, dict[str, Tensor]]: the 0-dim loss to minimise, and detached 0-dim
-            metrics (see "Logged metrics").
+            ObjectiveOutput: the 0-dim loss to minimise (this micro-batch's share), detached
+            0-dim metrics (see "Logged metrics") and diagnostics.
         """
         self._check_inputs(inputs)
+        counts = self.counts(inputs)
         logprobs = inputs.logprobs
         response = inputs.response_mask.bool()
         old = inputs.old_logprobs if inputs.old_logprobs is not None else logprobs.detach()
@@ -241,108 +309,76 @@ class Objective:
             eps_high=self.eps_high,
             dual_clip=self.dual_clip,
             aggregation=self.aggregation,
+            counts=counts,
         )
         metrics["policy_loss"] = loss.detach()
         if inputs.ref_logprobs is not None:
-            kl = masked_aggregate(k3_kl(logprobs, inputs.ref_logprobs.detach()), response, self.aggregation)
+            kl = masked_aggregate(
+                k3_kl(logprobs, inputs.ref_logprobs.detach()), response, self.aggregation, counts=counts
+            )
             metrics["kl"] = kl.detach()
             if self.beta > 0:
                 loss = loss + self.beta * kl
         if inputs.entropy is not None:
-            metrics["entropy"] = masked_aggregate(inputs.entropy.detach().float(), response)
-        extra, extra_metrics = self.auxiliary_loss(inputs)
+            metrics["entropy"] = token_mean(inputs.entropy, response, counts)
+        extra, extra_metrics, diagnostics = self.auxiliary_loss(inputs, counts)
         if extra is not None:
             loss = loss + extra
         metrics.update(extra_metrics)
         metrics["loss"] = loss.detach()
-        return loss, metrics
+        return ObjectiveOutput(loss, metrics, diagnostics)
 
-    def auxiliary_loss(self, inputs: ObjectiveInputs) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """Terms a subclass adds to ``L_PG + beta * L_KL`` (already weighted), and their metrics."""
-        return None, {}
+    def auxiliary_loss(
+        self, inputs: ObjectiveInputs, counts: BatchCounts
+    ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
+        """Terms a subclass adds to ``L_PG + beta * L_KL`` (already weighted), metrics, diagnostics."""
+        return None, {}, {}
 
-    # ---- input checks -----------------------------------------------------------------------
+    # ---- input checks (shapes only: free, no device sync) -------------------------------------
 
     def _check_inputs(self, inputs: ObjectiveInputs) -> None:
         logprobs = inputs.logprobs
         _require(logprobs.dim() == 2, f"logprobs must be [R, T], got shape {tuple(logprobs.shape)}")
         shape = tuple(logprobs.shape)
-        _check_rows_tensor("response_mask", shape, inputs.response_mask, "logprobs has shape")
-        _check_rows_tensor("advantages", shape[:1], inputs.advantages, "expected [R] =")
+        _check_shape("response_mask", inputs.response_mask, shape, "logprobs has shape")
+        _check_shape("advantages", inputs.advantages, shape[:1], "expected [R] =")
         for name in ("old_logprobs", "ref_logprobs", "entropy"):
             tensor = getattr(inputs, name)
             if tensor is not None:
-                _check_rows_tensor(name, shape, tensor, "logprobs has shape")
-                check_finite(name, tensor)
-        check_finite("logprobs", logprobs)
-        check_finite("advantages", inputs.advantages)
+                _check_shape(name, tensor, shape, "logprobs has shape")
         if self.needs_reference and inputs.ref_logprobs is None:
             raise ValueError(
                 f"{type(self).__name__} with beta={self.beta} needs ObjectiveInputs.ref_logprobs"
             )
-        if self.needs_entropy and inputs.entropy is None:
-            raise ValueError(f"{type(self).__name__} needs ObjectiveInputs.entropy (entropy under I)")
-        if self.needs_full_distribution and inputs.log_distribution is None:
-            raise ValueError(f"{type(self).__name__} needs ObjectiveInputs.log_distribution")
+        for name, view in inputs.views.items():
+            _check_shape(f"views[{name!r}].logprobs", view.logprobs, shape, "logprobs has shape")
+            _check_shape(f"views[{name!r}].rows", view.rows, shape[:1], "expected [R] =")
+            _require(view.rows.dtype == torch.bool, f"views[{name!r}].rows must be a bool [R] mask")
+            for part in ("entropy", "divergence"):
+                tensor = getattr(view, part)
+                if tensor is not None:
+                    _check_shape(f"views[{name!r}].{part}", tensor, shape, "logprobs has shape")
 
-    def _view(self, inputs: ObjectiveInputs, name: str, required: Tensor) -> ViewOutputs:
-        """The named view, checked: unique in-range rows covering every required row."""
+    def _view(self, inputs: ObjectiveInputs, name: str, part: str | None = None) -> ViewScores:
+        """The named view (and, if given, the named optional part of it), or a clear error."""
         if name not in inputs.views:
             raise ValueError(
                 f"{type(self).__name__} needs the {name!r} view but ObjectiveInputs.views has "
                 f"{sorted(inputs.views)}"
             )
         view = inputs.views[name]
-        num_rows, length = inputs.logprobs.shape
-        rows = view.rows
-        _require(
-            rows.dim() == 1 and not rows.is_floating_point() and rows.dtype != torch.bool,
-            f"views[{name!r}].rows must be integer row indices [R'], got {rows.dtype} {tuple(rows.shape)}",
-        )
-        _check_rows_tensor(
-            f"views[{name!r}].logprobs", (rows.numel(), length), view.logprobs, "expected [len(rows), T] ="
-        )
-        check_finite(f"views[{name!r}].logprobs", view.logprobs)
-        if view.entropy is not None:
-            _check_rows_tensor(
-                f"views[{name!r}].entropy", (rows.numel(), length), view.entropy, "expected [len(rows), T] ="
-            )
-            check_finite(f"views[{name!r}].entropy", view.entropy)
-        if rows.numel():
-            _require(
-                int(rows.min()) >= 0 and int(rows.max()) < num_rows,
-                f"views[{name!r}].rows must be in [0, {num_rows}), got {rows.tolist()}",
-            )
-            _require(rows.unique().numel() == rows.numel(), f"views[{name!r}].rows has duplicates")
-        covered = torch.zeros(num_rows, dtype=torch.bool, device=required.device)
-        covered[rows.to(required.device)] = True
-        missing = required & ~covered
-        if bool(missing.any()):
-            raise ValueError(
-                f"views[{name!r}] lacks rows {missing.nonzero().flatten().tolist()} that "
-                f"{type(self).__name__}.view_rows requires"
-            )
+        if part is not None and getattr(view, part) is None:
+            raise ValueError(f"{type(self).__name__} needs views[{name!r}].{part}")
         return view
+
+    # ---- configuration ----------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
         """``{"class_path": ..., "init_args": {...}}``: plain data that rebuilds this objective."""
         cls = type(self)
-        names: list[str] = []
-        # A subclass forwarding **kwargs to its parent: the parent's parameters count too.
-        for klass in cls.__mro__:
-            if "__init__" not in vars(klass) or not issubclass(klass, Objective):
-                continue
-            parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
-            names += [
-                p.name
-                for p in parameters
-                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in names
-            ]
-            if not any(p.kind == p.VAR_KEYWORD for p in parameters):
-                break
         return {
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
-            "init_args": {n: getattr(self, n) for n in names},
+            "init_args": {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
         }
 
     @staticmethod
@@ -352,19 +388,14 @@ class Objective:
         Raises:
             ValueError: the class path does not name an :class:`Objective`.
         """
-        import importlib
-
         module_name, _, name = config["class_path"].rpartition(".")
         cls = getattr(importlib.import_module(module_name), name, None)
         if not (isinstance(cls, type) and issubclass(cls, Objective)):
             raise ValueError(f"{config['class_path']!r} is not an Objective class")
         return cls(**config.get("init_args", {}))
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{name}={value!r}" for name, value in self.config()["init_args"].items())
-        return f"{type(self).__name__}({args})"
 
-
+@dataclass
 class GRPO(Objective):
     """GRPO: ``L = L_PG + beta * L_KL``; no perturbed views.
 
@@ -378,13 +409,14 @@ class GRPO(Objective):
         eps_high: Upper clip range of the importance ratio (``rho <= 1 + eps_high``).
         dual_clip: Dual-clip constant (> 1) bounding the loss of tokens with negative
             advantage; None disables it.
-        aggregation: How per-token losses are reduced: ``"token-mean"``,
-            ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum"`` (Dr. GRPO).
+        aggregation: ``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"``
+            (Dr. GRPO) or the release's ``"micro-batch-token-mean"`` (see ``Objective``).
         advantage_scale: ``"std"`` (GRPO) or ``"none"`` (Dr. GRPO, no division by the group
             std); read by the training module when it computes advantages.
     """
 
 
+@dataclass
 class CPPO(GRPO):
     """CPPO: GRPO plus the Contrastive Perception Loss on perception tokens.
 
@@ -393,7 +425,8 @@ class CPPO(GRPO):
     information-removing view; with advantage gating only rows with ``A > 0`` take part. The
     views are requested only for ``view_rows`` (the ``A > 0`` rows under gating): every other
     row has ``M = 0``, so the loss and its gradients are exactly those of computing the views
-    for every row, as in the release (bitwise so for ``divergence="k3"``).
+    for every row, as in the release. ``L_CPL`` is the mean over the perception tokens of the
+    whole mini-batch (all ranks), found by ``select_tokens`` before the loss.
 
     Logged metrics:
         - ``loss``, ``policy_loss``, ``kl``, ``clip_fraction``, ``dual_clip_fraction``,
@@ -401,11 +434,11 @@ class CPPO(GRPO):
         - ``cpl``: mean contrastive perception loss over the perception tokens.
         - ``divergence_preserving``: mean ``D+`` over the perception tokens.
         - ``divergence_removing``: mean ``D-`` over the perception tokens.
-        - ``perception_fraction``: perception tokens / response tokens of the micro-batch.
+        - ``perception_fraction``: perception tokens / response tokens.
         - ``gated_fraction``: fraction of rows removed by advantage gating (``A <= 0``);
           0 without gating.
         - ``entropy_shift``: mean ``H^{I-} - H^I`` over the response tokens of the view rows
-          (when entropies are available).
+          (with the perception mask).
 
     Args:
         beta: Weight of the k3 KL to the reference policy; 0 skips the reference forward.
@@ -413,8 +446,8 @@ class CPPO(GRPO):
         eps_high: Upper clip range of the importance ratio (``rho <= 1 + eps_high``).
         dual_clip: Dual-clip constant (> 1) bounding the loss of tokens with negative
             advantage; None disables it.
-        aggregation: How per-token losses are reduced: ``"token-mean"``,
-            ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum"`` (Dr. GRPO).
+        aggregation: ``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"``
+            (Dr. GRPO) or the release's ``"micro-batch-token-mean"`` (see ``Objective``).
         advantage_scale: ``"std"`` (GRPO) or ``"none"`` (Dr. GRPO, no division by the group
             std); read by the training module when it computes advantages.
         cpl_weight: ``lambda``, weight of the Contrastive Perception Loss (release: 0.01).
@@ -426,38 +459,28 @@ class CPPO(GRPO):
         advantage_gating: Apply the CPL only to rows with ``A > 0``; False applies it to every
             row (ablation; then the views are computed for every row).
         divergence: ``"k3"`` (sampled-token estimate, release) or ``"full_kl"`` (exact
-            full-vocabulary KL, ablation; needs full log-distributions).
+            full-vocabulary KL, ablation; computed chunk by chunk from the hidden states).
     """
 
-    def __init__(
-        self,
-        beta: float = 0.01,
-        eps_low: float = 0.2,
-        eps_high: float = 0.2,
-        dual_clip: float | None = 3.0,
-        aggregation: str = "token-mean",
-        advantage_scale: str = "std",
-        cpl_weight: float = 0.01,
-        tau: float = 0.1,
-        top_ratio: float = 0.5,
-        perception_mask: bool = True,
-        advantage_gating: bool = True,
-        divergence: str = "k3",
-    ) -> None:
-        super().__init__(beta, eps_low, eps_high, dual_clip, aggregation, advantage_scale)
-        _require(cpl_weight >= 0, f"cpl_weight must be >= 0, got {cpl_weight}")
-        _require(tau > 0, f"tau must be positive, got {tau}")
-        _require(0 < top_ratio <= 1, f"top_ratio must be in (0, 1], got {top_ratio}")
+    cpl_weight: float = 0.01
+    tau: float = 0.1
+    top_ratio: float = 0.5
+    perception_mask: bool = True
+    advantage_gating: bool = True
+    divergence: str = "k3"
+
+    #: The count name of the perception tokens in ``BatchCounts.totals``.
+    SELECTION = "perception"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.cpl_weight >= 0, f"cpl_weight must be >= 0, got {self.cpl_weight}")
+        _require(self.tau > 0, f"tau must be positive, got {self.tau}")
+        _require(0 < self.top_ratio <= 1, f"top_ratio must be in (0, 1], got {self.top_ratio}")
         _require(
-            divergence in DIVERGENCES,
-            f"unknown divergence {divergence!r}; expected one of {', '.join(DIVERGENCES)}",
+            self.divergence in DIVERGENCES,
+            f"unknown divergence {self.divergence!r}; expected one of {', '.join(DIVERGENCES)}",
         )
-        self.cpl_weight = cpl_weight
-        self.tau = tau
-        self.top_ratio = top_ratio
-        self.perception_mask = perception_mask
-        self.advantage_gating = advantage_gating
-        self.divergence = divergence
 
     @property
     def needs_entropy(self) -> bool:
@@ -465,16 +488,16 @@ class CPPO(GRPO):
         return self.perception_mask
 
     @property
-    def needs_full_distribution(self) -> bool:
-        """Full log-distributions are needed for the full-KL ablation."""
-        return self.divergence == "full_kl"
+    def selects_tokens(self) -> bool:
+        """The perception tokens: their mini-batch count normalises the CPL."""
+        return True
 
     def view_requests(self) -> list[ViewRequest]:
         """I+ and I-, both with gradient; entropy of I- for the perception mask."""
-        full = self.needs_full_distribution
+        full = self.divergence == "full_kl"
         return [
-            ViewRequest(PRESERVING, with_grad=True, full_distribution=full),
-            ViewRequest(REMOVING, with_grad=True, entropy=self.perception_mask, full_distribution=full),
+            ViewRequest(PRESERVING, with_grad=True, divergence=full),
+            ViewRequest(REMOVING, with_grad=True, entropy=self.perception_mask, divergence=full),
         ]
 
     def view_rows(self, advantages: Tensor) -> Tensor:
@@ -483,77 +506,82 @@ class CPPO(GRPO):
             return advantages.detach() > 0
         return torch.ones_like(advantages, dtype=torch.bool)
 
-    def auxiliary_loss(self, inputs: ObjectiveInputs) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """``cpl_weight * L_CPL`` and the perception metrics."""
-        logprobs = inputs.logprobs
+    def select_tokens(self, inputs: ObjectiveInputs) -> TokenSelection:
+        """The perception mask ``M`` (from ``H^I`` and ``H^{I-}``), its metrics and diagnostics."""
+        counts = self.counts(inputs)
         response = inputs.response_mask.bool()
-        required = self.view_rows(inputs.advantages)
-        preserving = self._view(inputs, PRESERVING, required)
-        removing = self._view(inputs, REMOVING, required)
+        view_rows = self.view_rows(inputs.advantages)
+        view_tokens = response & view_rows.unsqueeze(-1)
         metrics: dict[str, Tensor] = {}
-
+        diagnostics: dict[str, Tensor] = {}
+        given = (inputs.selected or {}).get(self.SELECTION)
         if self.perception_mask:
-            if removing.entropy is None:
-                raise ValueError("CPPO with perception_mask=True needs views['removing'].entropy")
-            entropy = inputs.entropy.detach()
-            # Rows without an I- forward get H^{I-} = H^I: no entropy rise, nothing eligible.
-            entropy_removed = _scatter_rows(entropy, removing.rows, removing.entropy.detach())
-            mask = perception_token_mask(
-                entropy,
-                entropy_removed,
-                response,
-                top_ratio=self.top_ratio,
-                advantages=inputs.advantages if self.advantage_gating else None,
+            if inputs.entropy is None:
+                raise ValueError("CPPO with perception_mask=True needs ObjectiveInputs.entropy (under I)")
+            removing = self._view(inputs, REMOVING, "entropy")
+            entropy, entropy_removed = inputs.entropy.detach(), removing.entropy.detach()
+            mask = (
+                given
+                if given is not None
+                else perception_token_mask(
+                    entropy,
+                    entropy_removed,
+                    response,
+                    top_ratio=self.top_ratio,
+                    advantages=inputs.advantages if self.advantage_gating else None,
+                )
             )
-            view_tokens = response & required.unsqueeze(-1)
-            metrics["entropy_shift"] = masked_aggregate((entropy_removed - entropy).float(), view_tokens)
+            metrics["entropy"] = token_mean(entropy, response, counts)
+            metrics["entropy_shift"] = token_mean(
+                entropy_removed - entropy, view_tokens, counts, "view:removing"
+            )
+            diagnostics["entropy"] = entropy.float()
+            diagnostics["entropy_removed"] = torch.where(
+                removing.rows.unsqueeze(-1), entropy_removed.float(), float("nan")
+            )
         else:
-            mask = response & required.unsqueeze(-1)
+            mask = given if given is not None else view_tokens
+        diagnostics["perception_mask"] = mask
+        metrics["perception_fraction"] = token_mean(mask.float(), response, counts)
+        if self.advantage_gating:
+            gated = (inputs.advantages.detach() <= 0).float()
+            metrics["gated_fraction"] = counts.share(gated.sum(), "rows", gated.numel())
+        else:
+            metrics["gated_fraction"] = torch.zeros((), device=inputs.logprobs.device)
+        return TokenSelection(masks={self.SELECTION: mask}, metrics=metrics, diagnostics=diagnostics)
 
+    def auxiliary_loss(
+        self, inputs: ObjectiveInputs, counts: BatchCounts
+    ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
+        """``cpl_weight * L_CPL``, the perception metrics and the perception diagnostics."""
+        selection = self.select_tokens(inputs)
+        mask = selection.masks[self.SELECTION]
         if self.divergence == "k3":
-            # Rows without views get lp^{I+} = lp^{I-} = lp^I (D = 0); M is 0 there anyway.
-            placeholder = logprobs.detach()
-            cpl, cpl_metrics = contrastive_perception_loss(
-                logprobs,
-                _scatter_rows(placeholder, preserving.rows, preserving.logprobs),
-                _scatter_rows(placeholder, removing.rows, removing.logprobs),
+            preserving = self._view(inputs, PRESERVING)
+            removing = self._view(inputs, REMOVING)
+            cpl, metrics = contrastive_perception_loss(
+                inputs.logprobs,
+                preserving.logprobs,
+                removing.logprobs,
                 mask,
                 tau=self.tau,
+                counts=counts,
+                count_key=self.SELECTION,
             )
         else:
-            cpl, cpl_metrics = self._full_kl_cpl(inputs, preserving, removing, mask)
-        metrics.update(cpl_metrics)
-
-        response_count = response.sum().clamp(min=1)
-        metrics["perception_fraction"] = (mask.sum() / response_count).float()
-        gated = (inputs.advantages.detach() <= 0).float().mean() if self.advantage_gating else 0.0
-        metrics["gated_fraction"] = torch.as_tensor(gated, dtype=torch.float32, device=logprobs.device)
-        return self.cpl_weight * cpl, metrics
-
-    def _full_kl_cpl(
-        self, inputs: ObjectiveInputs, preserving: ViewOutputs, removing: ViewOutputs, mask: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """CPL with exact KLs, on the view rows only (M is 0 elsewhere, so the sums agree)."""
-        _require(
-            torch.equal(preserving.rows.cpu(), removing.rows.cpu()),
-            "divergence='full_kl' needs the 'preserving' and 'removing' views on the same rows",
-        )
-        for name, view in ((PRESERVING, preserving), (REMOVING, removing)):
-            _require(
-                view.log_distribution is not None,
-                f"divergence='full_kl' needs views[{name!r}].log_distribution",
+            cpl, metrics = contrastive_perception_loss_from_divergences(
+                self._view(inputs, PRESERVING, "divergence").divergence,
+                self._view(inputs, REMOVING, "divergence").divergence,
+                mask,
+                tau=self.tau,
+                counts=counts,
+                count_key=self.SELECTION,
             )
-        rows = preserving.rows.to(inputs.logprobs.device)
-        return contrastive_perception_loss(
-            inputs.log_distribution[rows],
-            preserving.log_distribution,
-            removing.log_distribution,
-            mask[rows],
-            tau=self.tau,
-            divergence="full_kl",
-        )
+        metrics.update(selection.metrics)
+        return self.cpl_weight * cpl, metrics, dict(selection.diagnostics)
 
 
+@dataclass
 class PAPO(GRPO):
     """PAPO baseline: GRPO plus the implicit perception loss and optional double entropy.
 
@@ -575,8 +603,8 @@ class PAPO(GRPO):
         eps_high: Upper clip range of the importance ratio (``rho <= 1 + eps_high``).
         dual_clip: Dual-clip constant (> 1) bounding the loss of tokens with negative
             advantage; None disables it.
-        aggregation: How per-token losses are reduced: ``"token-mean"``,
-            ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum"`` (Dr. GRPO).
+        aggregation: ``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"``
+            (Dr. GRPO) or the release's ``"micro-batch-token-mean"`` (see ``Objective``).
         advantage_scale: ``"std"`` (GRPO) or ``"none"`` (Dr. GRPO, no division by the group
             std); read by the training module when it computes advantages.
         perception_weight: ``gamma``, weight of the implicit perception loss.
@@ -587,30 +615,16 @@ class PAPO(GRPO):
             gradient instead of once before the update without.
     """
 
-    def __init__(
-        self,
-        beta: float = 0.01,
-        eps_low: float = 0.2,
-        eps_high: float = 0.2,
-        dual_clip: float | None = 3.0,
-        aggregation: str = "token-mean",
-        advantage_scale: str = "std",
-        perception_weight: float = 0.02,
-        entropy_weight_original: float = 0.0,
-        entropy_weight_masked: float = 0.0,
-        recompute_with_grad: bool = False,
-    ) -> None:
-        super().__init__(beta, eps_low, eps_high, dual_clip, aggregation, advantage_scale)
-        _require(perception_weight >= 0, f"perception_weight must be >= 0, got {perception_weight}")
-        for name, weight in (
-            ("entropy_weight_original", entropy_weight_original),
-            ("entropy_weight_masked", entropy_weight_masked),
-        ):
-            _require(weight >= 0, f"{name} must be >= 0, got {weight}")
-        self.perception_weight = perception_weight
-        self.entropy_weight_original = entropy_weight_original
-        self.entropy_weight_masked = entropy_weight_masked
-        self.recompute_with_grad = recompute_with_grad
+    perception_weight: float = 0.02
+    entropy_weight_original: float = 0.0
+    entropy_weight_masked: float = 0.0
+    recompute_with_grad: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.perception_weight >= 0, f"perception_weight must be >= 0, got {self.perception_weight}")
+        for name in ("entropy_weight_original", "entropy_weight_masked"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
     def view_requests(self) -> list[ViewRequest]:
         """The patch-blackened view, with gradient only if ``recompute_with_grad``."""
@@ -620,23 +634,31 @@ class PAPO(GRPO):
         """Every row."""
         return torch.ones_like(advantages, dtype=torch.bool)
 
-    def auxiliary_loss(self, inputs: ObjectiveInputs) -> tuple[Tensor | None, dict[str, Tensor]]:
+    def auxiliary_loss(
+        self, inputs: ObjectiveInputs, counts: BatchCounts
+    ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
         """``-gamma * KL_prcp + eta1 * H_I + eta2 * H_Imask`` and their metrics."""
         logprobs = inputs.logprobs
         response = inputs.response_mask.bool()
-        masked = self._view(inputs, MASKED, self.view_rows(inputs.advantages))
-        masked_logprobs = _scatter_rows(logprobs.detach(), masked.rows, masked.logprobs)
+        masked_logprobs = self._view(inputs, MASKED).logprobs
         if not self.recompute_with_grad:
             masked_logprobs = masked_logprobs.detach()
-        loss, metrics = implicit_perception_loss(logprobs, masked_logprobs, response, self.aggregation)
+        loss, metrics = implicit_perception_loss(
+            logprobs, masked_logprobs, response, self.aggregation, counts
+        )
         loss = self.perception_weight * loss
         if self.entropy_weight_original > 0 or self.entropy_weight_masked > 0:
             entropy_loss, entropy_metrics = double_entropy_loss(
-                logprobs, masked_logprobs, response, self.entropy_weight_original, self.entropy_weight_masked
+                logprobs,
+                masked_logprobs,
+                response,
+                self.entropy_weight_original,
+                self.entropy_weight_masked,
+                counts,
             )
             loss = loss + entropy_loss
             metrics.update(entropy_metrics)
-        return loss, metrics
+        return loss, metrics, {}
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"grpo": GRPO, "cppo": CPPO, "papo": PAPO}

@@ -13,14 +13,12 @@ import torch
 from PIL import Image
 
 from cppo_lightning import CPPOModule
-from cppo_lightning.batch import MASKED, ORIGINAL, PRESERVING, REMOVING
+from cppo_lightning.batch import MASKED, ORIGINAL, PRESERVING, REMOVING, TEXT_KEYS
 from cppo_lightning.models import PolicyConfig, load_processor
 from cppo_lightning.objectives import CPPO, GRPO, PAPO
 from datamodules import DataSource, VisualQADataModule
 from datamodules.examples import ImageLimits, PromptEncoder, fit_pixels
 from datamodules.sampling import EpochProgress, ResumableDataLoader, ResumableSampler
-
-TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 def noise_image(seed, size=(84, 112)):
@@ -482,7 +480,7 @@ def test_a_real_fit_hands_the_module_its_views(tiny_qwen, parquet_source):
         policy=PolicyConfig(str(tiny_qwen)),
         objective=PAPO(),
         rollout=RolloutConfig(samples_per_prompt=2, max_new_tokens=4),
-        update=UpdateConfig(micro_batch_size=4),
+        update=UpdateConfig(micro_batch_rollouts=4),
     )
     record = RecordViews()
     trainer = pl.Trainer(

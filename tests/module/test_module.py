@@ -10,15 +10,9 @@ from cppo_lightning.module import EvaluationConfig, UpdateConfig
 from cppo_lightning.objectives import GRPO
 from cppo_lightning.rollout import RolloutConfig
 from datamodules import SyntheticTaskConfig, SyntheticVQADataModule
-from helpers import HandWrittenDataModule, small_module
+from helpers import HandWrittenDataModule, quiet_trainer, small_module
 
-
-def trainer(steps, **kwargs):
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        max_steps=steps, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, **kwargs
-    )
+trainer = quiet_trainer
 
 
 def adapter_state(module):
@@ -48,10 +42,19 @@ def test_plugs_into_a_plain_trainer_with_a_foreign_datamodule(tiny_qwen):
     assert module.trainer.global_step == 3
     assert any(not torch.equal(before[n], after[n]) for n in before)
     rollout = module.last_rollout
-    assert rollout.perception_mask is not None
-    assert not (rollout.perception_mask & ~rollout.completion_mask).any()
+    mask = rollout.perception_mask
+    assert mask.any(), "some perception tokens were selected"
+    assert not (mask & ~rollout.completion_mask).any()
     # Gated rows (A <= 0) never select perception tokens.
-    assert not rollout.perception_mask[rollout.advantages <= 0].any()
+    assert not mask[rollout.advantages <= 0].any()
+    # What the callbacks draw is what the loss used: the mask recomputed from the recorded entropies.
+    from cppo_lightning.objectives import perception_token_mask
+
+    removed = torch.where(torch.isnan(rollout.entropy_removed), rollout.entropy, rollout.entropy_removed)
+    expected = perception_token_mask(
+        rollout.entropy, removed, rollout.completion_mask, 0.5, rollout.advantages
+    )
+    assert torch.equal(mask, expected)
 
 
 def test_resumed_run_ends_with_the_same_parameters(tiny_qwen, tmp_path):
@@ -112,12 +115,8 @@ never_right = always(0.0)
     [
         (dict(rollout=RolloutConfig(samples_per_prompt=1)), "G >= 2"),
         (
-            dict(update=UpdateConfig(micro_batch_size=3)),
-            r"micro_batch_size \(3 rollouts\) does not divide a mini-batch of 2 prompts x G=4 = 8",
-        ),
-        (
-            dict(update=UpdateConfig(mini_batch_size=3, micro_batch_size=4)),
-            r"mini_batch_size \(3 prompts\) does not divide the batch \(2 prompts\)",
+            dict(update=UpdateConfig(mini_batch_prompts=3)),
+            r"mini_batch_prompts \(3\) does not divide the batch \(2 prompts\)",
         ),
     ],
 )
@@ -126,6 +125,20 @@ def test_sizes_that_do_not_divide_fail_at_start_up(tiny_qwen, kwargs, message):
     with pytest.raises(ValueError, match=message):
         module = small_module(tiny_qwen, **kwargs)
         trainer(1).fit(module, datamodule=datamodule)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(micro_batch_rollouts=0), "micro_batch_rollouts must be a positive integer or null, got 0"),
+        (dict(max_tokens_per_forward=-5), "max_tokens_per_forward must be a positive integer"),
+        (dict(ppo_epochs=0), "ppo_epochs must be a positive integer"),
+        (dict(gradient_clip_val=0.0), "gradient_clip_val must be positive or null"),
+    ],
+)
+def test_update_settings_that_cannot_work_are_refused_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UpdateConfig(**kwargs)
 
 
 def broken_reward(prompts, completions, answers, **columns):
@@ -144,9 +157,11 @@ class NonFiniteOnce(GRPO):
     calls = 0
 
     def __call__(self, inputs):
-        loss, metrics = super().__call__(inputs)
+        output = super().__call__(inputs)
         type(self).calls += 1
-        return (loss * float("nan"), metrics) if type(self).calls == 1 else (loss, metrics)
+        if type(self).calls == 1:
+            output.loss = output.loss * float("nan")
+        return output
 
 
 def test_a_non_finite_loss_skips_the_step_and_training_continues(tiny_qwen, caplog):
@@ -159,7 +174,7 @@ def test_a_non_finite_loss_skips_the_step_and_training_continues(tiny_qwen, capl
     with caplog.at_level(logging.WARNING, logger="cppo_lightning.module"):
         trainer(3).fit(module, datamodule=HandWrittenDataModule(tiny_qwen, count=6))
     assert module.skipped_steps == 1
-    assert "skipping an optimizer step (loss is not finite)" in caplog.text
+    assert "skipping an optimizer step (non-finite loss)" in caplog.text
     after = adapter_state(module)
     assert all(torch.isfinite(p).all() for p in after.values())
     assert any(not torch.equal(before[n], after[n]) for n in before)  # the later steps trained
@@ -173,9 +188,9 @@ class RecordingGRPO(GRPO):
         self.ratios = []
 
     def __call__(self, inputs):
-        loss, metrics = super().__call__(inputs)
-        self.ratios.append(float(metrics["ratio_mean"]))
-        return loss, metrics
+        output = super().__call__(inputs)
+        self.ratios.append(float(output.metrics["ratio_mean"]))
+        return output
 
 
 def test_several_optimizer_steps_per_rollout_use_the_sampling_policy_as_old_policy(tiny_qwen):
@@ -184,7 +199,7 @@ def test_several_optimizer_steps_per_rollout_use_the_sampling_policy_as_old_poli
     module = small_module(
         tiny_qwen,
         objective=objective,
-        update=UpdateConfig(mini_batch_size=1, micro_batch_size=4, ppo_epochs=2),
+        update=UpdateConfig(mini_batch_prompts=1, micro_batch_rollouts=4, ppo_epochs=2),
         optimizer=lambda p: torch.optim.AdamW(p, lr=5e-2),
     )
     trainer(8).fit(module, datamodule=HandWrittenDataModule(tiny_qwen, count=4))

@@ -321,13 +321,12 @@ def test_clipped_policy_loss_bad_input():
         clipped_policy_loss(lp, torch.zeros(2, 4), torch.zeros(2), mask)
     with pytest.raises(ValueError, match=r"advantages has shape \(3,\)"):
         clipped_policy_loss(lp, lp, torch.zeros(3), mask)
+    # Non-finite values are not checked per tensor (a device sync each): they reach the loss, and
+    # the training module skips that optimizer step.
     bad = lp.clone()
-    bad[0, 1] = float("inf")
     bad[1, 2] = float("nan")
-    with pytest.raises(NonFiniteError, match="old_logprobs has 2 non-finite values"):
-        clipped_policy_loss(lp, bad, torch.zeros(2), mask)
-    with pytest.raises(NonFiniteError, match="advantages has 1 non-finite value"):
-        clipped_policy_loss(lp, lp, t([0.0, float("nan")]), mask)
+    assert torch.isnan(clipped_policy_loss(lp, bad, torch.ones(2), mask)[0])
+    assert torch.isnan(clipped_policy_loss(lp, lp, t([0.0, float("nan")]), mask)[0])
     with pytest.raises(ValueError, match="dual_clip must be greater than 1"):
         clipped_policy_loss(lp, lp, torch.zeros(2), mask, dual_clip=0.5)
 
@@ -401,9 +400,9 @@ def test_perception_token_mask_bad_input():
         perception_token_mask(entropy, entropy_removed[:, :4], response)
     with pytest.raises(ValueError, match="top_ratio"):
         perception_token_mask(entropy, entropy_removed, response, top_ratio=0.0)
-    entropy_removed[1, 1] = float("nan")
-    with pytest.raises(NonFiniteError, match="entropy_removed has 1 non-finite value"):
-        perception_token_mask(entropy, entropy_removed, response)
+    # A NaN entropy makes its token ineligible (NaN > 0 is False); it is not a crash.
+    entropy_removed[:] = float("nan")
+    assert not perception_token_mask(entropy, entropy_removed, response).any()
 
 
 @st.composite
@@ -543,9 +542,8 @@ def test_contrastive_perception_loss_bad_input():
     with pytest.raises(ValueError, match=message):
         contrastive_perception_loss(lp, lp, torch.zeros(3, 3), mask)
     bad = lp.clone()
-    bad[1, 1] = float("-inf")
-    with pytest.raises(NonFiniteError, match="logprobs_preserving has 1 non-finite value"):
-        contrastive_perception_loss(lp, bad, lp, mask)
+    bad[1, 1] = float("nan")
+    assert torch.isnan(contrastive_perception_loss(lp, bad, lp, mask)[0])
     with pytest.raises(ValueError, match="tau must be positive"):
         contrastive_perception_loss(lp, lp, lp, mask, tau=-0.1)
     with pytest.raises(ValueError, match="unknown divergence 'js'"):

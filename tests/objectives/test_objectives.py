@@ -13,11 +13,11 @@ from cppo_lightning.objectives import (
     GRPO,
     OBJECTIVES,
     PAPO,
-    NonFiniteError,
+    BatchCounts,
     Objective,
     ObjectiveInputs,
-    ViewOutputs,
     ViewRequest,
+    ViewScores,
     build_objective,
 )
 
@@ -33,7 +33,17 @@ def t(values, **kwargs):
 
 
 def all_rows(tensor, **kwargs):
-    return ViewOutputs(rows=torch.arange(tensor.shape[0]), logprobs=tensor, **kwargs)
+    return ViewScores(tensor, torch.ones(tensor.shape[0], dtype=torch.bool), **kwargs)
+
+
+def dense_view(original, rows, values, entropy=None, entropy_removed=None):
+    """A view computed for ``rows`` only, written into the original's values as the scorer does."""
+    index = torch.as_tensor(rows, dtype=torch.long)
+    has = torch.zeros(original.shape[0], dtype=torch.bool)
+    has[index] = True
+    logprobs = torch.index_put(original.detach(), (index,), values)
+    h = None if entropy_removed is None else torch.index_put(entropy, (index,), entropy_removed)
+    return ViewScores(logprobs, has, entropy=h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +63,8 @@ def test_grpo_hand_computed_loss_metrics_and_gradient():
         ref_logprobs=torch.full((2, 2), -0.5),
         entropy=t([[2.0, 1.0], [3.0, 100.0]]),
     )
-    loss, metrics = GRPO(beta=0.5)(inputs)
+    output = GRPO(beta=0.5)(inputs)
+    loss, metrics = output.loss, output.metrics
     torch.testing.assert_close(loss, t(-0.258973))
     torch.testing.assert_close(metrics["loss"], t(-0.258973))
     torch.testing.assert_close(metrics["policy_loss"], t(-1 / 3))
@@ -73,7 +84,8 @@ def test_grpo_beta_zero_needs_no_reference():
     assert objective.view_requests() == []
     assert not objective.view_rows(t([1.0, -1.0])).any()
     inputs = ObjectiveInputs(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), advantages=t([1.0]))
-    loss, metrics = objective(inputs)
+    output = objective(inputs)
+    loss, metrics = output.loss, output.metrics
     torch.testing.assert_close(loss, t(-1.0))  # ratio 1, A = 1
     assert "kl" not in metrics
     with pytest.raises(ValueError, match=r"GRPO with beta=0.01 needs ObjectiveInputs.ref_logprobs"):
@@ -91,12 +103,23 @@ def test_objective_input_errors_name_the_tensor():
         objective(ObjectiveInputs(**{**good, "response_mask": torch.ones(2, 2, dtype=torch.bool)}))
     with pytest.raises(ValueError, match=r"advantages has shape \(3,\)"):
         objective(ObjectiveInputs(**{**good, "advantages": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"views\['masked'\].logprobs has shape \(2, 2\)"):
+        objective(ObjectiveInputs(**good, views={"masked": all_rows(torch.zeros(2, 2))}))
+    with pytest.raises(ValueError, match=r"views\['masked'\].rows must be a bool"):
+        objective(
+            ObjectiveInputs(**good, views={"masked": ViewScores(torch.zeros(2, 3), torch.tensor([0, 1]))})
+        )
+
+
+def test_a_non_finite_input_gives_a_non_finite_loss_not_a_sync():
+    # Finiteness is checked once per optimizer step by the module (the loss and the gradient norm);
+    # a NaN reference log-prob must reach the loss, not vanish.
     ref = torch.zeros(2, 3)
     ref[0, 0] = float("nan")
-    with pytest.raises(NonFiniteError, match="ref_logprobs has 1 non-finite value"):
-        objective(ObjectiveInputs(**good, ref_logprobs=ref))
-    with pytest.raises(NonFiniteError, match="^logprobs has 1 non-finite value"):
-        objective(ObjectiveInputs(**{**good, "logprobs": ref}))
+    inputs = ObjectiveInputs(
+        torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.zeros(2), ref_logprobs=ref
+    )
+    assert torch.isnan(GRPO()(inputs).loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,18 +139,20 @@ def test_cppo_hand_computed():
     objective = CPPO(beta=0.0, cpl_weight=1.0)
     advantages = t([1.0, -1.0])
     assert objective.view_rows(advantages).tolist() == [True, False]
-    rows = torch.tensor([0])
+    entropy = torch.ones(2, 3)
     inputs = ObjectiveInputs(
         logprobs=logprobs,
         response_mask=torch.ones(2, 3, dtype=torch.bool),
         advantages=advantages,
-        entropy=torch.ones(2, 3),
+        entropy=entropy,
         views={
-            "preserving": ViewOutputs(rows, plus),
-            "removing": ViewOutputs(rows, minus, entropy=t([[1.5, 3.0, 1.0]])),
+            "preserving": dense_view(logprobs, [0], plus),
+            "removing": dense_view(logprobs, [0], minus, entropy, t([[1.5, 3.0, 1.0]])),
         },
     )
-    loss, metrics = objective(inputs)
+    output = objective(inputs)
+    loss, metrics = output.loss, output.metrics
+    assert output.diagnostics["perception_mask"].tolist() == [[False, True, False], [False, False, False]]
     torch.testing.assert_close(loss, t(0.296113))
     torch.testing.assert_close(metrics["cpl"], t(0.296113))
     torch.testing.assert_close(metrics["divergence_removing"], t(0.106531))
@@ -142,18 +167,22 @@ def test_cppo_hand_computed():
     assert not plus.grad.any()
 
 
-def test_cppo_view_requests_and_flags():
-    objective = CPPO()
-    assert objective.needs_reference and objective.needs_entropy and not objective.needs_full_distribution
-    assert objective.view_requests() == [
-        ViewRequest("preserving", with_grad=True),
-        ViewRequest("removing", with_grad=True, entropy=True),
-    ]
-    assert CPPO(advantage_gating=False).view_rows(t([1.0, 0.0, -1.0])).tolist() == [True, True, True]
+def test_cppo_asks_for_the_views_and_rows_its_loss_reads():
+    # Gating: only A > 0 rows can hold perception tokens, so only they need I+ / I-.
     assert CPPO().view_rows(t([1.0, 0.0, -1.0])).tolist() == [True, False, False]
-    no_mask = CPPO(perception_mask=False, divergence="full_kl")
-    assert not no_mask.needs_entropy and no_mask.needs_full_distribution
-    assert all(r.full_distribution and not r.entropy for r in no_mask.view_requests())
+    assert CPPO(advantage_gating=False).view_rows(t([1.0, 0.0, -1.0])).tolist() == [True, True, True]
+    # The mask needs H^I and H^{I-}; the full-KL ablation needs exact divergences and no entropy.
+    requests = {r.name: r for r in CPPO().view_requests()}
+    assert CPPO().needs_entropy and requests["removing"].entropy and not requests["preserving"].entropy
+    assert all(r.with_grad and not r.divergence for r in requests.values())
+    ablation = CPPO(perception_mask=False, divergence="full_kl")
+    assert not ablation.needs_entropy
+    assert all(r.divergence and not r.entropy for r in ablation.view_requests())
+    # Without the perception mask the CPL covers every response token of the A > 0 rows.
+    case = _random_cppo_case(2, 4, 5, advantages=t([1.0, -1.0, 0.5, 0.0]))
+    inputs = ObjectiveInputs(case["logprobs"], case["response"], case["advantages"])
+    mask = CPPO(perception_mask=False).select_tokens(inputs).masks["perception"]
+    assert torch.equal(mask, case["response"] & t([1, 0, 1, 0]).bool().unsqueeze(-1))
 
 
 def _random_cppo_case(seed, rows, length, advantages=None):
@@ -184,21 +213,22 @@ def _run_cppo(objective, case, view_rows):
     logprobs = case["logprobs"].clone().requires_grad_()
     plus = case["plus"][view_rows].clone().requires_grad_()
     minus = case["minus"][view_rows].clone().requires_grad_()
+    entropy = case["entropy"]
     inputs = ObjectiveInputs(
         logprobs=logprobs,
         response_mask=case["response"],
         advantages=case["advantages"],
         old_logprobs=case["old_logprobs"],
         ref_logprobs=case["ref_logprobs"],
-        entropy=case["entropy"],
+        entropy=entropy,
         views={
-            "preserving": ViewOutputs(view_rows, plus),
-            "removing": ViewOutputs(view_rows, minus, entropy=case["entropy_removed"][view_rows]),
+            "preserving": dense_view(logprobs, view_rows, plus),
+            "removing": dense_view(logprobs, view_rows, minus, entropy, case["entropy_removed"][view_rows]),
         },
     )
-    loss, metrics = objective(inputs)
-    loss.backward()
-    return loss, metrics, logprobs.grad, plus.grad, minus.grad
+    output = objective(inputs)
+    output.loss.backward()
+    return output.loss, output.metrics, logprobs.grad, plus.grad, minus.grad
 
 
 def _assert_subset_equals_all_rows(objective, case):
@@ -211,7 +241,8 @@ def _assert_subset_equals_all_rows(objective, case):
     assert torch.equal(loss_sub, loss_all)
     assert metrics_sub.keys() == metrics_all.keys()
     for name in metrics_all:
-        assert torch.equal(metrics_sub[name], metrics_all[name]), name
+        if name != "entropy_shift":  # a mean over the view rows' tokens, which differ by design
+            assert torch.equal(metrics_sub[name], metrics_all[name]), name
     assert torch.equal(lp_sub, lp_all)
     assert torch.equal(plus_sub, plus_all[subset]) and torch.equal(minus_sub, minus_all[subset])
     outside = torch.ones(num_rows, dtype=torch.bool)
@@ -262,43 +293,37 @@ def test_cppo_gradients_reach_all_three_views_and_not_the_entropies():
         entropy=entropy,
         views={"preserving": all_rows(plus), "removing": all_rows(minus, entropy=entropy_removed)},
     )
-    loss, metrics = CPPO(beta=0.0, cpl_weight=1.0)(inputs)
+    output = CPPO(beta=0.0, cpl_weight=1.0)(inputs)
+    loss, metrics = output.loss, output.metrics
     # Isolate the CPL's own gradient on lp: subtract the policy-gradient part.
     loss.backward()
     assert plus.grad.abs().sum() > 0 and minus.grad.abs().sum() > 0
     assert entropy.grad is None and entropy_removed.grad is None
     pg_only = logprobs.detach().clone().requires_grad_()
-    GRPO(beta=0.0)(ObjectiveInputs(pg_only, case["response"], case["advantages"]))[0].backward()
+    GRPO(beta=0.0)(ObjectiveInputs(pg_only, case["response"], case["advantages"])).loss.backward()
     assert not torch.equal(logprobs.grad, pg_only.grad)  # the CPL moves lp^I too
     assert all(not m.requires_grad and m.dim() == 0 for m in metrics.values())
 
 
-def test_cppo_full_kl_subset_matches_all_rows():
-    torch.manual_seed(3)
-    rows, length, vocab = 5, 4, 6
-    advantages = t([1.0, -1.0, 0.5, 0.0, 2.0])
-    dists = [torch.log_softmax(torch.randn(rows, length, vocab), -1) for _ in range(3)]
-    response = torch.ones(rows, length, dtype=torch.bool)
+def test_cppo_full_kl_uses_the_exact_divergences():
+    # D+ = 0.1, D- = 0.3 on every token of the A > 0 row 0 (perception mask off):
+    # cpl = softplus((0.1 - 0.3) / 0.1) = softplus(-2) = 0.126928 on each of its 2 tokens.
+    response = torch.ones(2, 2, dtype=torch.bool)
+    logprobs = torch.full((2, 2), -1.0)
+    has = torch.tensor([True, False])
+    d_plus = t([[0.1, 0.1], [0.0, 0.0]], requires_grad=True)
+    d_minus = t([[0.3, 0.3], [0.0, 0.0]], requires_grad=True)
+    views = {
+        "preserving": ViewScores(logprobs, has, divergence=d_plus),
+        "removing": ViewScores(logprobs, has, divergence=d_minus),
+    }
     objective = CPPO(beta=0.0, cpl_weight=1.0, divergence="full_kl", perception_mask=False)
-
-    def run(view_rows):
-        base, plus, minus = (d.clone().requires_grad_() for d in dists)
-        logprobs = base.detach()[..., 0].clone().requires_grad_()
-        views = {
-            name: ViewOutputs(view_rows, dist[view_rows].detach()[..., 0], log_distribution=dist[view_rows])
-            for name, dist in (("preserving", plus), ("removing", minus))
-        }
-        inputs = ObjectiveInputs(logprobs, response, advantages, log_distribution=base, views=views)
-        loss, metrics = objective(inputs)
-        loss.backward()
-        return loss, base.grad, plus.grad
-
-    loss_all, base_all, plus_all = run(torch.arange(rows))
-    loss_sub, base_sub, plus_sub = run(torch.tensor([0, 2, 4]))
-    torch.testing.assert_close(loss_sub, loss_all)
-    torch.testing.assert_close(base_sub, base_all)
-    torch.testing.assert_close(plus_sub, plus_all)
-    assert plus_all.abs().sum() > 0 and loss_all > 0
+    output = objective(ObjectiveInputs(logprobs, response, t([1.0, -1.0]), views=views))
+    torch.testing.assert_close(output.metrics["cpl"], t(0.126928))
+    torch.testing.assert_close(output.metrics["divergence_removing"], t(0.3))
+    output.loss.backward()
+    # d cpl / d D+ = sigmoid(-2) / tau = 1.192029 per token, / 2 tokens of the mean.
+    torch.testing.assert_close(d_plus.grad, t([[0.596014, 0.596014], [0.0, 0.0]]))
 
 
 def test_cppo_view_errors():
@@ -310,29 +335,25 @@ def test_cppo_view_errors():
         ref_logprobs=case["ref_logprobs"],
         entropy=case["entropy"],
     )
-    removing = ViewOutputs(torch.tensor([0, 1]), case["minus"][:2], entropy=case["entropy_removed"][:2])
+    removing = dense_view(
+        case["logprobs"], [0, 1], case["minus"][:2], case["entropy"], case["entropy_removed"][:2]
+    )
+    preserving = dense_view(case["logprobs"], [0, 1], case["plus"][:2])
     with pytest.raises(ValueError, match="needs the 'preserving' view"):
         CPPO()(ObjectiveInputs(**base, views={"removing": removing}))
-    only_row_0 = ViewOutputs(torch.tensor([0]), case["plus"][:1])
-    with pytest.raises(ValueError, match=r"views\['preserving'\] lacks rows \[1\]"):
-        CPPO()(ObjectiveInputs(**base, views={"preserving": only_row_0, "removing": removing}))
-    duplicated = ViewOutputs(torch.tensor([0, 0, 1]), case["plus"])
-    with pytest.raises(ValueError, match="duplicates"):
-        CPPO()(ObjectiveInputs(**base, views={"preserving": duplicated, "removing": removing}))
-    wrong_shape = ViewOutputs(torch.tensor([0, 1]), case["plus"])
-    with pytest.raises(ValueError, match=r"views\['preserving'\].logprobs has shape \(3, 4\)"):
-        CPPO()(ObjectiveInputs(**base, views={"preserving": wrong_shape, "removing": removing}))
-    nan_minus = case["minus"][:2].clone()
-    nan_minus[1, 2] = float("nan")
-    broken = ViewOutputs(torch.tensor([0, 1]), nan_minus, entropy=case["entropy_removed"][:2])
-    preserving = ViewOutputs(torch.tensor([0, 1]), case["plus"][:2])
-    with pytest.raises(NonFiniteError, match=r"views\['removing'\].logprobs has 1 non-finite value"):
-        CPPO()(ObjectiveInputs(**base, views={"preserving": preserving, "removing": broken}))
-    no_entropy = ViewOutputs(torch.tensor([0, 1]), case["minus"][:2])
-    with pytest.raises(ValueError, match=r"views\['removing'\].entropy"):
+    no_entropy = dense_view(case["logprobs"], [0, 1], case["minus"][:2])
+    with pytest.raises(ValueError, match=r"needs views\['removing'\].entropy"):
         CPPO()(ObjectiveInputs(**base, views={"preserving": preserving, "removing": no_entropy}))
     with pytest.raises(ValueError, match="needs ObjectiveInputs.entropy"):
-        CPPO()(ObjectiveInputs(**{**base, "entropy": None}))
+        CPPO()(
+            ObjectiveInputs(
+                **{**base, "entropy": None}, views={"preserving": preserving, "removing": removing}
+            )
+        )
+    with pytest.raises(ValueError, match=r"needs views\['preserving'\].divergence"):
+        CPPO(divergence="full_kl")(
+            ObjectiveInputs(**base, views={"preserving": preserving, "removing": removing})
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,13 +361,13 @@ def test_cppo_view_errors():
 # ---------------------------------------------------------------------------------------------
 
 
-def _papo_inputs(masked, rows=(0,)):
+def _papo_inputs(masked):
     logprobs = t([[-1.0, -2.0]], requires_grad=True)
     return logprobs, ObjectiveInputs(
         logprobs=logprobs,
         response_mask=torch.ones(1, 2, dtype=torch.bool),
         advantages=t([0.0]),  # PG term is exactly 0
-        views={"masked": ViewOutputs(torch.tensor(rows), masked)},
+        views={"masked": all_rows(masked)},
     )
 
 
@@ -355,12 +376,14 @@ def test_papo_hand_computed():
     # Loss = -0.02 * 0.127626 = -0.00255252.
     masked = t([[-1.5, -1.5]], requires_grad=True)
     _, inputs = _papo_inputs(masked)
-    loss, metrics = PAPO(beta=0.0)(inputs)
+    output = PAPO(beta=0.0)(inputs)
+    loss, metrics = output.loss, output.metrics
     torch.testing.assert_close(loss, t(-0.00255252))
     torch.testing.assert_close(metrics["implicit_perception_loss"], t(-0.127626))
     assert "double_entropy" not in metrics
     # Double entropy: 0.5 * mean(1, 2) + 0.1 * mean(1.5, 1.5) = 0.75 + 0.15 = 0.9 -> 0.897447.
-    loss, metrics = PAPO(beta=0.0, entropy_weight_original=0.5, entropy_weight_masked=0.1)(inputs)
+    output = PAPO(beta=0.0, entropy_weight_original=0.5, entropy_weight_masked=0.1)(inputs)
+    loss, metrics = output.loss, output.metrics
     torch.testing.assert_close(loss, t(0.897447))
     torch.testing.assert_close(metrics["double_entropy"], t(0.9))
 
@@ -371,26 +394,9 @@ def test_papo_masked_view_gradient_only_when_recomputed():
     for recompute in (False, True):
         masked = t([[-1.5, -1.5]], requires_grad=True)
         logprobs, inputs = _papo_inputs(masked)
-        loss, _ = PAPO(beta=0.0, entropy_weight_masked=0.1, recompute_with_grad=recompute)(inputs)
-        loss.backward()
+        PAPO(beta=0.0, entropy_weight_masked=0.1, recompute_with_grad=recompute)(inputs).loss.backward()
         assert logprobs.grad.abs().sum() > 0
         assert (masked.grad is not None and masked.grad.abs().sum() > 0) == recompute
-
-
-def test_papo_view_rows_in_any_order():
-    # The module may hand rows in any order; row 1's values must land on row 1.
-    logprobs = t([[-1.0], [-2.0]])
-    response = torch.ones(2, 1, dtype=torch.bool)
-    ordered = ViewOutputs(torch.tensor([0, 1]), t([[-1.5], [-1.5]]))
-    shuffled = ViewOutputs(torch.tensor([1, 0]), t([[-1.5], [-1.5]]).flip(0))
-    losses = [
-        PAPO(beta=0.0)(ObjectiveInputs(logprobs, response, t([0.0, 0.0]), views={"masked": v}))[0]
-        for v in (ordered, shuffled)
-    ]
-    assert torch.equal(losses[0], losses[1])
-    row_0_only = {"masked": ViewOutputs(torch.tensor([0]), t([[-1.5]]))}
-    with pytest.raises(ValueError, match=r"views\['masked'\] lacks rows \[1\]"):
-        PAPO(beta=0.0)(ObjectiveInputs(logprobs, response, t([0.0, 0.0]), views=row_0_only))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,18 +464,17 @@ def test_objectives_load_from_class_path_config():
 @pytest.mark.parametrize("cls", [GRPO, CPPO, PAPO])
 def test_every_returned_metric_is_documented(cls):
     case = _random_cppo_case(11, 4, 5, advantages=t([1.0, -1.0, 0.5, 0.0]))
-    every = torch.arange(4)
     views = {
-        "preserving": ViewOutputs(every, case["plus"]),
-        "removing": ViewOutputs(every, case["minus"], entropy=case["entropy_removed"]),
-        "masked": ViewOutputs(every, case["minus"]),
+        "preserving": all_rows(case["plus"]),
+        "removing": all_rows(case["minus"], entropy=case["entropy_removed"]),
+        "masked": all_rows(case["minus"]),
     }
     kwargs = {"entropy_weight_original": 0.1} if cls is PAPO else {}
     inputs = ObjectiveInputs(
         case["logprobs"], case["response"], case["advantages"], ref_logprobs=case["ref_logprobs"],
         entropy=case["entropy"], views=views,
     )  # fmt: skip
-    _, metrics = cls(**kwargs)(inputs)
+    metrics = cls(**kwargs)(inputs).metrics
     docstring = cls.__doc__.split("Logged metrics:")[1].split("Args:")[0] + (Objective.__doc__ or "")
     documented = set(re.findall(r"``(\w+)``", docstring))
     assert set(metrics) <= documented & DOCUMENTED_METRICS
@@ -489,3 +494,118 @@ def test_config_round_trip_rebuilds_the_same_objective():
         assert type(rebuilt) is type(objective) and rebuilt.config() == config
     with pytest.raises(ValueError, match="not an Objective"):
         Objective.from_config({"class_path": "torch.nn.Linear", "init_args": {}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Mini-batch normalisation: the loss does not depend on how a mini-batch is cut
+# ---------------------------------------------------------------------------------------------
+
+
+def _inputs_for_rows(case, rows, counts=None, selected=None):
+    """Dense inputs of ``rows`` of a CPPO case, every view computed (leaf tensors with gradient)."""
+    rows = torch.as_tensor(rows)
+    leaves = {name: case[name][rows].clone().requires_grad_() for name in ("logprobs", "plus", "minus")}
+    inputs = ObjectiveInputs(
+        logprobs=leaves["logprobs"],
+        response_mask=case["response"][rows],
+        advantages=case["advantages"][rows],
+        ref_logprobs=case["ref_logprobs"][rows],
+        entropy=case["entropy"][rows],
+        views={
+            "preserving": all_rows(leaves["plus"]),
+            "removing": all_rows(leaves["minus"], entropy=case["entropy_removed"][rows]),
+            "masked": all_rows(leaves["plus"]),
+        },
+        counts=counts,
+        selected=None if selected is None else {"perception": selected[rows]},
+    )
+    return inputs, leaves
+
+
+def _totals(case, selected):
+    response = case["response"]
+    return {
+        "tokens": float(response.sum()),
+        "sequences": float((response.sum(1) > 0).sum()),
+        "rows": float(response.shape[0]),
+        "perception": float(selected.sum()),
+        "view:removing": float((response & (case["advantages"] > 0).unsqueeze(-1)).sum()),
+    }
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(2, 9),
+    cuts=st.lists(st.integers(1, 8), min_size=1, max_size=4),
+    objective=st.sampled_from(
+        [
+            CPPO(cpl_weight=1.0),
+            CPPO(cpl_weight=1.0, aggregation="seq-mean-token-mean"),
+            GRPO(aggregation="seq-mean-token-sum"),
+            PAPO(perception_weight=0.5, entropy_weight_original=0.1),
+        ]
+    ),
+)
+def test_micro_batch_shares_add_up_to_the_mini_batch_loss_and_gradient(seed, rows, cuts, objective):
+    case = _random_cppo_case(seed, rows, 6)
+    whole, whole_leaves = _inputs_for_rows(case, range(rows))
+    selection = objective.select_tokens(whole)
+    selected = None if selection is None else selection.masks["perception"]
+    reference = objective(whole)
+    reference.loss.backward()
+    # Cut the rows into micro-batches at arbitrary points; each gets the mini-batch's totals.
+    bounds = sorted({min(c, rows - 1) for c in cuts} | {0, rows})
+    counts = BatchCounts(_totals(case, selected if selected is not None else case["response"]))
+    loss, grads = (
+        torch.zeros(()),
+        {name: torch.zeros_like(case[name]) for name in ("logprobs", "plus", "minus")},
+    )
+    metrics = {}
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        inputs, leaves = _inputs_for_rows(case, range(start, end), counts, selected)
+        output = objective(inputs)
+        output.loss.backward()
+        loss = loss + output.loss.detach()
+        for name, leaf in leaves.items():
+            grads[name][start:end] = leaf.grad if leaf.grad is not None else 0.0
+        for key, value in output.metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + value
+    torch.testing.assert_close(loss, reference.loss.detach(), rtol=1e-5, atol=1e-7)
+    for name, leaf in whole_leaves.items():
+        expected = leaf.grad if leaf.grad is not None else torch.zeros_like(grads[name])
+        torch.testing.assert_close(grads[name], expected, rtol=1e-5, atol=1e-7)
+    for key, value in reference.metrics.items():
+        torch.testing.assert_close(metrics[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_release_aggregation_averages_micro_batch_means():
+    # Micro-batch A: one row, 2 tokens with pg 1 each (A = -1, ratio 1); micro-batch B: one row,
+    # 1 token with pg -1 (A = 1). Release: (mean_A + mean_B) / 2 = (1 + -1) / 2 = 0.
+    # Mini-batch token-mean: (1 + 1 - 1) / 3 = 1/3, whatever the cut.
+    logprobs = torch.full((2, 2), -1.0)
+    response = torch.tensor([[True, True], [True, False]])
+    advantages = t([-1.0, 1.0])
+    totals = BatchCounts({"tokens": 3.0, "sequences": 2.0, "rows": 2.0}, micro_batches=2)
+    release, invariant = GRPO(beta=0.0, aggregation="micro-batch-token-mean"), GRPO(beta=0.0)
+    shares = {"release": 0.0, "invariant": 0.0}
+    for row in (0, 1):
+        inputs = ObjectiveInputs(logprobs[row : row + 1], response[row : row + 1], advantages[row : row + 1])
+        inputs.counts = totals
+        shares["release"] += float(release(inputs).loss)
+        shares["invariant"] += float(invariant(inputs).loss)
+    assert shares["release"] == pytest.approx(0.0)
+    assert shares["invariant"] == pytest.approx(1 / 3)
+    assert not release.normalises_over_mini_batch and invariant.normalises_over_mini_batch
+
+
+def test_world_size_scales_each_ranks_share_so_that_ddp_averaging_gives_the_global_mean():
+    # Rank 0 holds tokens worth 1 + 2, rank 1 holds 6; the global token-mean is 9 / 3 = 3.
+    # DDP averages the ranks' gradients (and Lightning their logged values): (s0 + s1) / 2 = 3.
+    counts = BatchCounts({"tokens": 3.0}, world_size=2)
+    from cppo_lightning.objectives import masked_aggregate
+
+    s0 = masked_aggregate(t([[1.0, 2.0]]), torch.ones(1, 2, dtype=torch.bool), counts=counts)
+    s1 = masked_aggregate(t([[6.0, 0.0]]), torch.tensor([[True, False]]), counts=counts)
+    assert float(s0) == pytest.approx(2.0) and float(s1) == pytest.approx(4.0)
+    assert (float(s0) + float(s1)) / 2 == pytest.approx(3.0)
