@@ -18,6 +18,7 @@ from typing import Any
 import datasets
 import lightning.pytorch as pl
 import numpy as np
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
@@ -89,18 +90,31 @@ class VQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def raw_image(self, index: int) -> Image.Image:
+        """The checked RGB image of example ``index`` as stored (before the pixel limits)."""
+        value = self.dataset[self.rows[index]][self.columns["image"]]
+        return to_rgb(open_image(value, self.image_root))
+
+    def resize(self, image: np.ndarray | Image.Image) -> np.ndarray:
+        """``image`` resized into the pixel limits, as uint8 ``[H, W, 3]``."""
+        image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+        return np.asarray(fit_pixels(image, self.limits))
+
     def image(self, index: int) -> np.ndarray:
         """The checked, RGB, pixel-limited image of example ``index`` as uint8 ``[H, W, 3]``."""
-        value = self.dataset[self.rows[index]][self.columns["image"]]
-        return np.asarray(fit_pixels(to_rgb(open_image(value, self.image_root)), self.limits))
+        return self.resize(self.raw_image(index))
 
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         row = self.dataset[self.rows[index]]
         example_id = self.ids[index]
-        image = self.image(index)
+        raw = self.raw_image(index)
+        image = self.resize(raw)
         if self.view_maker is not None:
-            views = self.view_maker(image, seed=self.seed, epoch=epoch, example_id=example_id)
+            # PAPO's mask is drawn on the raw image and resized like the original (before_resize pools).
+            views = self.view_maker(
+                image, seed=self.seed, epoch=epoch, example_id=example_id, raw=raw, resize=self.resize
+            )
         else:
             views = {ORIGINAL: image}
         skip = {self.columns["image"], self.columns["question"], self.columns["answer"]}
