@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -38,7 +39,7 @@ from datamodules.examples import (
 )
 from datamodules.perturbations import PerturbationPool, ViewMaker
 from datamodules.sampling import EpochProgress, ResumableDataLoader, ResumableSampler
-from datamodules.sources import DataSource, load_source, resolve_columns
+from datamodules.sources import Columns, DataSource, load_source, resolve_columns
 from datamodules.synthetic import SyntheticTaskConfig, generate_split, to_hf_dataset
 
 log = logging.getLogger(__name__)
@@ -302,19 +303,23 @@ class VisualQADataModule(pl.LightningDataModule):
         sources = self.val_sources if stage == "val" else self.test_sources
         return [(source.display_name, source) for source in sources]
 
+    def _load(
+        self, name: str, source: DataSource | datasets.Dataset, report: SkipReport
+    ) -> tuple[datasets.Dataset, Columns, Path | None]:
+        """The split of a source, its column names and the folder of relative image paths.
+
+        Subclasses may reshape the rows here (the benchmarks' data module does); rows they drop must be
+        counted in ``report`` (``total`` and a reason each), like the checks that follow count theirs.
+        """
+        if isinstance(source, DataSource):
+            return load_source(source), source.columns, source.resolved_image_root()
+        return source, Columns(), None
+
     def _build(
         self, stage: str, name: str, source: DataSource | datasets.Dataset, views: tuple[str, ...]
     ) -> VQADataset:
-        if isinstance(source, DataSource):
-            dataset, column_config, image_root = (
-                load_source(source),
-                source.columns,
-                source.resolved_image_root(),
-            )
-        else:
-            from datamodules.sources import Columns
-
-            dataset, column_config, image_root = source, Columns(), None
+        report = SkipReport(source=f"{stage}:{name}")
+        dataset, column_config, image_root = self._load(name, source, report)
         columns = resolve_columns(dataset, column_config, name)
         ids = example_ids(dataset[columns["id"]] if columns["id"] else None, name, len(dataset))
         encoder = PromptEncoder(
@@ -324,7 +329,6 @@ class VisualQADataModule(pl.LightningDataModule):
             max_prompt_tokens=self.max_prompt_tokens,
         )
         limits = self.image_limits()
-        report = SkipReport(source=f"{stage}:{name}")
         rows = check_examples(dataset, columns, ids, encoder, limits, image_root, report, self.strict)
         self.skip_reports.append(report)
         log.info(report.summary())
