@@ -225,17 +225,14 @@ class RandomPerspective(A.DualTransform):
         return {"endpoints": endpoints}
 
     @staticmethod
-    def source_maps(
-        shape: tuple[int, ...], endpoints: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For every output pixel, where it samples the input, and whether that lies outside.
+    def uncovered(shape: tuple[int, ...], inverse: np.ndarray) -> np.ndarray:
+        """Output pixels ``[H, W]`` whose source point falls outside the image (PIL fills those).
 
-        Returns:
-            ``(map_x [H, W], map_y [H, W], outside [H, W])``: float32 source coordinates (pixel centres at
-            integers, as OpenCV's ``remap`` wants) and a bool mask.
+        Args:
+            shape: the image shape ``(H, W, ...)``.
+            inverse: the output -> input homography ``[3, 3]`` in PIL's pixel-corner coordinates.
         """
         height, width = shape[:2]
-        inverse = _perspective_coefficients(height, width, endpoints)
         source_x, source_y = _project(inverse, height, width, np.float32)
         outside = (source_x < 0) | (source_x >= width) | (source_y < 0) | (source_y >= height)
         # float32 is 4x faster than double; only pixels next to the edge of the warped image can be decided
@@ -247,14 +244,25 @@ class RandomPerspective(A.DualTransform):
         if len(rows):
             exact_x, exact_y = _project(inverse, height, width, np.float64, rows, cols)
             outside[rows, cols] = (exact_x < 0) | (exact_x >= width) | (exact_y < 0) | (exact_y >= height)
-        source_x -= np.float32(0.5)
-        source_y -= np.float32(0.5)
-        return source_x, source_y, outside
+        return outside
 
     def _warp(self, img: np.ndarray, endpoints: np.ndarray, interpolation: int, fill: float) -> np.ndarray:
-        map_x, map_y, outside = self.source_maps(img.shape, endpoints)
-        out = cv2.remap(img, map_x, map_y, interpolation, borderMode=cv2.BORDER_REPLICATE)
-        out[outside] = fill
+        height, width = img.shape[:2]
+        inverse = _perspective_coefficients(height, width, endpoints)
+        # OpenCV puts pixel centres at integer coordinates, PIL at +0.5: conjugate the map by that shift.
+        centred = _HALF_PIXEL_BACK @ inverse @ _HALF_PIXEL
+        out = cv2.warpPerspective(
+            img,
+            centred,
+            (width, height),
+            flags=interpolation | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,  # inside pixels interpolate from the image only, as PIL's
+        )
+        outside = self.uncovered(img.shape, inverse)
+        # A masked copy is ~20x faster than boolean-index assignment on [H, W, C].
+        out = cv2.bitwise_and(out, out, mask=(~outside).view(np.uint8))
+        if fill != 0:
+            out[outside] = fill
         return out
 
     def apply(self, img: np.ndarray, endpoints: np.ndarray, **params: Any) -> np.ndarray:
@@ -264,6 +272,10 @@ class RandomPerspective(A.DualTransform):
     def apply_to_mask(self, mask: np.ndarray, endpoints: np.ndarray, **params: Any) -> np.ndarray:
         """Warp a mask ``[H, W]`` / ``[H, W, C]`` with nearest-neighbour interpolation."""
         return self._warp(mask, endpoints, cv2.INTER_NEAREST, self.fill_mask)
+
+
+_HALF_PIXEL = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]], dtype=np.float64)
+_HALF_PIXEL_BACK = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1]], dtype=np.float64)
 
 
 def _perspective_coefficients(height: int, width: int, endpoints: np.ndarray) -> np.ndarray:
