@@ -233,17 +233,23 @@ class RandomPerspective(A.DualTransform):
             inverse: the output -> input homography ``[3, 3]`` in PIL's pixel-corner coordinates.
         """
         height, width = shape[:2]
-        source_x, source_y = _project(inverse, height, width, np.float32)
-        outside = (source_x < 0) | (source_x >= width) | (source_y < 0) | (source_y >= height)
-        # float32 is 4x faster than double; only pixels next to the edge of the warped image can be decided
-        # differently, so those (a one-pixel band on either side) are decided again in double precision,
-        # as PIL decides them.
-        flags = outside.view(np.uint8)
+        # Nearest-neighbour warp of an all-ones image: 0 exactly where the source point is outside, up to
+        # OpenCV's rounding of points on the edge. Those lie in a one-pixel band on either side of the
+        # edge, which is decided again in double precision, term by term as PIL computes it.
+        covered = cv2.warpPerspective(
+            np.ones((height, width), np.uint8),
+            _HALF_PIXEL_BACK @ inverse @ _HALF_PIXEL,
+            (width, height),
+            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
         kernel = np.ones((3, 3), np.uint8)
-        rows, cols = np.nonzero(cv2.dilate(flags, kernel) != cv2.erode(flags, kernel))
+        rows, cols = np.nonzero(cv2.dilate(covered, kernel) != cv2.erode(covered, kernel))
+        outside = covered == 0
         if len(rows):
-            exact_x, exact_y = _project(inverse, height, width, np.float64, rows, cols)
-            outside[rows, cols] = (exact_x < 0) | (exact_x >= width) | (exact_y < 0) | (exact_y >= height)
+            source_x, source_y = _project(inverse, rows, cols)
+            outside[rows, cols] = (source_x < 0) | (source_x >= width) | (source_y < 0) | (source_y >= height)
         return outside
 
     def _warp(self, img: np.ndarray, endpoints: np.ndarray, interpolation: int, fill: float) -> np.ndarray:
@@ -294,27 +300,14 @@ def _perspective_coefficients(height: int, width: int, endpoints: np.ndarray) ->
     return np.append(coefficients, 1.0).reshape(3, 3)
 
 
-def _project(
-    homography: np.ndarray,
-    height: int,
-    width: int,
-    dtype: type,
-    rows: np.ndarray | None = None,
-    cols: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Source points (pixel-corner coordinates) of output pixel centres under a 3x3 homography.
+def _project(homography: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Source points (pixel-corner coordinates) of the centres of output pixels ``(rows, cols)``.
 
-    All pixels (``[H, W]`` arrays, row and column terms broadcast) or the given ``rows``/``cols`` (1-d).
+    Double precision and PIL's expression, term by term, so that a point on the edge of the image is
+    decided as PIL decides it.
     """
-    (a, b, c), (d, e, f), (g, h, _) = homography.astype(dtype)
-    if rows is None:
-        xs = np.arange(width, dtype=dtype)[None, :] + dtype(0.5)
-        ys = np.arange(height, dtype=dtype)[:, None] + dtype(0.5)
-        # Row and column terms broadcast: much faster than a [H, W, 3] @ [3, 3] product.
-        scale = dtype(1) / (g * xs + (h * ys + dtype(1)))
-        return (a * xs + (b * ys + c)) * scale, (d * xs + (e * ys + f)) * scale
-    # PIL's expression, term by term, so that pixels exactly on the edge are decided as PIL decides them.
-    xs, ys = cols.astype(dtype) + dtype(0.5), rows.astype(dtype) + dtype(0.5)
+    (a, b, c), (d, e, f), (g, h, _) = homography
+    xs, ys = cols.astype(np.float64) + 0.5, rows.astype(np.float64) + 0.5
     denominator = g * xs + h * ys + 1
     return (a * xs + b * ys + c) / denominator, (d * xs + e * ys + f) / denominator
 
