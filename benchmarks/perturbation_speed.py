@@ -22,6 +22,7 @@ import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -84,6 +85,18 @@ def main() -> None:
             name = f"{view:10s} {type(transform).__name__} (p=1)"
             rows.append((name, PerturbationPool([transform], view=view)))
         rows.append((f"{view:10s} pool as configured", PerturbationPool(view=view)))
+    # The package's earlier I+ perspective (albumentations' own, another distribution), for the cost.
+    earlier = A.Perspective(
+        scale=(0.0627, 0.0627),
+        keep_size=True,
+        fit_output=True,
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=0,
+        p=1.0,
+    )
+    rows.append(
+        (f"{PRESERVING:10s} A.Perspective (earlier, p=1)", PerturbationPool([earlier], view=PRESERVING))
+    )
     rows.append(("ViewMaker CPPO (I+ and I-)", ViewMaker(views=(PRESERVING, REMOVING))))
     rows.append(("ViewMaker PAPO (masked)", ViewMaker(views=(MASKED,))))
 

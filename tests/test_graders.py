@@ -55,7 +55,13 @@ GRADER_TABLE = [
     ("1e3", "1000", True, False, "mathruler: float('1e3') = 1000; math-verify reads 1*e*3"),
     ("1,000", "1000", True, True, "thousands separator"),
     ("1000", "1,000", True, True, "same, in the reference"),
-    (r"\$5", "5", True, False, "mathruler strips \\$; math-verify keeps a currency symbol"),
+    (
+        r"\$5",
+        "5",
+        True,
+        False,
+        "mathruler strips \\$; with a dollar sign math-verify gets no delimiters: no number",
+    ),
     ("5 dollars", "5", False, False, "'dollars' is no unit for either"),
     ("\u22123", "-3", False, True, "Unicode minus: only math-verify normalises it"),
     ("3.14", r"\pi", False, False, "approximation"),
@@ -107,11 +113,17 @@ GRADER_TABLE = [
     (r"\infty", r"\infty", True, True, "identical"),
     (r"\infty", "inf", True, True, "mathruler maps the infinity symbol to 'inf'"),
     (r"-\infty", "-inf", True, True, "same, negative"),
-    (r"\emptyset", r"\varnothing", True, False, "both render as the same symbol for mathruler"),
+    (
+        r"\emptyset",
+        r"\varnothing",
+        True,
+        False,
+        "both are the symbol ∅ for mathruler; math-verify: a variable",
+    ),
     (r"3 \times 4", "12", False, True, "mathruler: integer reference needs an integer string"),
     (r"3\cdot 4", "12", False, True, "same"),
     (r"1\frac{1}{2}", "3/2", True, True, "mixed number in LaTeX"),
-    ("1 1/2", "3/2", True, False, "mathruler reads '1 1/2' as 1 + 1/2; math-verify as a product"),
+    ("1 1/2", "3/2", True, False, "mathruler reads '1 1/2' as 1 + 1/2; math-verify parses only the 1"),
     (r"\text{None}", "None", True, True, "the word None"),
     ("5 m/s", "5", False, False, "a unit neither strips"),
     (r"5\,\text{m}", "5", False, True, "math-verify drops \\text units; 'm' is not in mathruler's list"),
@@ -167,6 +179,7 @@ def test_no_box_scores_zero_even_for_the_reference_none():
     # grade_answer accepts against a reference "None"; a missing answer is not an answer here.
     assert accuracy_reward(["q"], ["<think>x</think> nothing boxed"], ["None"]) == [0.0]
     assert accuracy_reward(["q"], [r"<think>x</think> \boxed{None}"], ["None"]) == [1.0]
+    assert extract_boxed(r"\boxed{None}") == "None" and extract_boxed(r"\boxed{None") is None
 
 
 def test_a_boxed_reference_is_unwrapped_as_in_the_release_preprocessing():
@@ -180,7 +193,8 @@ def test_extraction_is_mathrulers_except_for_its_none_placeholder(text):
 
     ours = extract_boxed(text)
     theirs = extract_boxed_content(text)
-    assert ours == (None if theirs == "None" else theirs)
+    # The same content; where there is none, mathruler says "None" (and so it does for \boxed{None}).
+    assert ours == theirs if ours is not None else theirs == "None"
 
 
 # ------------------------------------------------------------------------------------------------
