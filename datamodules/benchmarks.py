@@ -196,11 +196,8 @@ class BenchmarkDataModule(VisualQADataModule):
     def _load(self, name: str, source, report: SkipReport):
         if isinstance(source, Benchmark):
             dataset = prepare_benchmark(source, report, strict=self.strict)
-            return (
-                dataset,
-                Columns(image="image", question="question", answer="answer", id="id"),
-                (source.source.resolved_image_root()),
-            )
+            columns = Columns(image="image", question="question", answer="answer", id="id")
+            return dataset, columns, source.source.resolved_image_root()
         return super()._load(name, source, report)
 
     def describe_sources(self) -> dict[str, str]:
