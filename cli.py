@@ -333,6 +333,162 @@ def _plot(argv: list[str]) -> int:
     return plot_main(argv)
 
 
+# ---------------------------------------------------------------------------------------------- evaluation
+
+_EVAL_CONFIGS = Path(__file__).resolve().parent / "configs" / "eval"
+
+
+def evaluate(
+    models: dict[str, str],
+    benchmarks: str | list[str] = "all",
+    *,
+    samples: int | None = None,
+    max_new_tokens: int | None = None,
+    max_samples: int | None = None,
+    grader: str = "mathruler",
+    output: str | Path = "runs/eval",
+    config_dir: str | Path = _EVAL_CONFIGS,
+    ckpt_path: str | None = None,
+    extra_args: list[str] | tuple[str, ...] = (),
+) -> dict[str, list]:
+    """The paper's evaluation of one or more models: ``cppo test`` over the benchmarks, one report.
+
+    Runs ``configs/eval/protocol.yaml`` with the chosen benchmark configs of ``config_dir`` for each model,
+    writes each model's report to ``output/<label>/`` and all of them, one row per model, to
+    ``output/report.md`` and ``report.json``.
+
+    Args:
+        models: row label -> model (hub id or folder; a LoRA run: ``cppo export`` it first, or ``ckpt_path``).
+        benchmarks: ``"all"`` or names (file stems or benchmark names), e.g. ``"mathvista,wemath"``.
+        samples: ``k`` samples per question (default: the protocol's 8).
+        max_new_tokens: completion limit (default: the protocol's 4,096).
+        max_samples: evaluate only the first N questions of each benchmark (a quick look, not the protocol).
+        grader: ``"mathruler"`` (the release's) or ``"math-verify"``.
+        output: report folder.
+        config_dir: folder with ``protocol.yaml`` and the benchmark configs.
+        ckpt_path: a Lightning checkpoint to test (with a single model).
+        extra_args: further LightningCLI arguments, e.g. ``["--trainer.devices", "8"]``.
+
+    Returns:
+        Row label -> its :class:`callbacks.evaluation.BenchmarkResult` list.
+
+    Raises:
+        ValueError: an unknown benchmark name or grader, or ``ckpt_path`` with several models.
+    """
+    import copy
+
+    from callbacks.evaluation import EvaluationReport, write_report
+    from cppo_lightning.graders import get_grader
+    from datamodules.benchmarks import load_benchmark_configs, select_benchmarks
+
+    config_dir = Path(config_dir)
+    get_grader(grader)
+    if ckpt_path is not None and len(models) != 1:
+        raise ValueError("ckpt_path tests one model; give a single --model")
+    chosen = copy.deepcopy(select_benchmarks(load_benchmark_configs(config_dir), benchmarks))
+    if max_samples is not None:
+        for entry in chosen:
+            entry["source"]["max_samples"] = max_samples
+    reward = "cppo_lightning.rewards." + (
+        "math_verify_choice_accuracy_reward" if grader == "math-verify" else "choice_accuracy_reward"
+    )
+    output = Path(output)
+    results, protocol, global_zero = {}, {}, True
+    for label, model in models.items():
+        args = [
+            "--config",
+            str(config_dir / "protocol.yaml"),
+            "--model.policy.model_name_or_path",
+            model,
+            "--data.init_args.benchmarks",
+            json.dumps(chosen),
+            "--model.evaluation.reward",
+            reward,
+            *(["--model.evaluation.samples_per_question", str(samples)] if samples else []),
+            *(["--model.evaluation.max_new_tokens", str(max_new_tokens)] if max_new_tokens else []),
+            *extra_args,
+        ]
+        cli = _cli(CPPOModule, args, run=False, save_config=False)
+        reports = [callback for callback in cli.trainer.callbacks if isinstance(callback, EvaluationReport)]
+        if not reports:
+            reports = [EvaluationReport()]
+            cli.trainer.callbacks.append(reports[0])
+        reports[0].output_dir, reports[0].label = output / _slug(label), label
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, verbose=False)
+        results[label] = reports[0].results
+        evaluation = cli.model.evaluation
+        protocol = {
+            "samples_per_question": evaluation.samples_per_question,
+            "temperature": evaluation.temperature,
+            "top_p": evaluation.top_p,
+            "max_new_tokens": evaluation.max_new_tokens,
+            "grader": grader,
+            "reward_function": reward,
+            "max_samples_per_benchmark": max_samples,
+        }
+        global_zero = cli.trainer.is_global_zero
+    if global_zero:
+        write_report(results, output, protocol)
+    return results
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label).strip("_.") or "model"
+
+
+def _evaluate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cppo evaluate",
+        description="The paper's evaluation: avg@k (k = 8, temperature 1.0) on its seven benchmarks, graded "
+        "rule-based; a report (markdown + JSON) with avg@k +- std over the k samples, one row per model. "
+        "Other arguments go to LightningCLI (e.g. --trainer.devices 8).",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="hub id or folder; LABEL=PATH names its row; repeat to compare models",
+    )
+    parser.add_argument("--benchmarks", default="all", help="'all' or names, e.g. mathvista,wemath")
+    parser.add_argument("--samples", type=int, default=None, help="k samples per question (protocol: 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="completion limit (protocol: 4096)")
+    parser.add_argument("--max-samples", type=int, default=None, help="only the first N questions of each")
+    parser.add_argument("--grader", default="mathruler", choices=["mathruler", "math-verify"])
+    parser.add_argument("--output", default="runs/eval", help="report folder")
+    parser.add_argument(
+        "--config-dir", default=str(_EVAL_CONFIGS), help="protocol.yaml and benchmark configs"
+    )
+    parser.add_argument("--ckpt-path", default=None, help="a Lightning checkpoint to test (one model)")
+    options, extra = parser.parse_known_args(argv)
+    models = {}
+    for spec in options.model:
+        label, separator, path = spec.partition("=")
+        models[label if separator else spec] = path if separator else spec
+    from datamodules.benchmarks import load_benchmark_configs, select_benchmarks
+
+    try:
+        select_benchmarks(load_benchmark_configs(options.config_dir), options.benchmarks)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    results = evaluate(
+        models,
+        options.benchmarks,
+        samples=options.samples,
+        max_new_tokens=options.max_new_tokens,
+        max_samples=options.max_samples,
+        grader=options.grader,
+        output=options.output,
+        config_dir=options.config_dir,
+        ckpt_path=options.ckpt_path,
+        extra_args=extra,
+    )
+    report = Path(options.output) / "report.md"
+    if report.exists():
+        print(report.read_text())
+        print(f"report: {report} and {report.with_suffix('.json')}")
+    return 0 if results else 1
+
+
 _COMMANDS = {
     "demo": _demo,
     "study": _study,
@@ -340,6 +496,7 @@ _COMMANDS = {
     "plot": _plot,
     "export": _export,
     "tiny": _tiny,
+    "evaluate": _evaluate,
 }
 
 

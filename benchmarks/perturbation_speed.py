@@ -6,6 +6,10 @@ Images are synthetic-task scenes rendered at each size (realistic content: flat 
 Each default transform is timed with ``p`` forced to 1 (its cost when drawn), then each pool as configured
 (uniform draw, own ``p``), then the per-prompt work of the DataModule: ``ViewMaker`` for CPPO (I+ and I-)
 and PAPO (masked). Target: well under 5 ms per image at 224 px.
+
+Last, PAPO's masked view drawn as PAPO draws it (on the raw image, then resized into the pixel limits like
+the original) against masking the already resized image: the extra cost is one resize of the masked raw
+image per prompt, the same as the resize every example already pays for its original view.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from datamodules.examples import ImageLimits, fit_pixels  # noqa: E402
 from datamodules.perturbations import (  # noqa: E402
     MASKED,
     PRESERVING,
@@ -29,6 +36,7 @@ from datamodules.perturbations import (  # noqa: E402
     ViewMaker,
     information_preserving_transforms,
     information_removing_transforms,
+    papo_masking_pool,
     papo_masking_transforms,
 )
 from datamodules.synthetic import (  # noqa: E402
@@ -77,6 +85,18 @@ def main() -> None:
             name = f"{view:10s} {type(transform).__name__} (p=1)"
             rows.append((name, PerturbationPool([transform], view=view)))
         rows.append((f"{view:10s} pool as configured", PerturbationPool(view=view)))
+    # The package's earlier I+ perspective (albumentations' own, another distribution), for the cost.
+    earlier = A.Perspective(
+        scale=(0.0627, 0.0627),
+        keep_size=True,
+        fit_output=True,
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=0,
+        p=1.0,
+    )
+    rows.append(
+        (f"{PRESERVING:10s} A.Perspective (earlier, p=1)", PerturbationPool([earlier], view=PRESERVING))
+    )
     rows.append(("ViewMaker CPPO (I+ and I-)", ViewMaker(views=(PRESERVING, REMOVING))))
     rows.append(("ViewMaker PAPO (masked)", ViewMaker(views=(MASKED,))))
 
@@ -87,6 +107,35 @@ def main() -> None:
             mean, p95 = time_calls(lambda i: maker(image, seed=0, epoch=0, example_id=str(i)), args.repeats)
             cells.append(f"{mean:8.3f} / {p95:6.3f}")
         print(f"{name:44s}" + "".join(f"{c:>18s}" for c in cells))
+
+    limits = ImageLimits(max_pixels=448 * 448, factor=28)
+    print(f"\nPAPO masked view, raw image resized into {limits.max_pixels} pixels (448 x 448), ms per prompt")
+    before = ViewMaker(views=(MASKED,))
+    after = ViewMaker(views=(MASKED,), masked=papo_masking_pool(before_resize=False))
+    for side in (896, 1792):
+        raw = np.asarray(generate_example(SyntheticTaskConfig(image_size=side), "train", 0, seed=0).image)
+
+        def resize(array):
+            return np.asarray(fit_pixels(Image.fromarray(array), limits))
+
+        image = resize(raw)
+        timings = {
+            "resize of the original (every example)": time_calls(lambda i: resize(raw), args.repeats)[0]
+        }
+        for label, maker, extra in (
+            ("mask the resized image", after, {}),
+            ("mask the raw image, then resize (PAPO)", before, {"raw": raw, "resize": resize}),
+        ):
+            timings[label] = time_calls(
+                lambda i, maker=maker, extra=extra: maker(image, seed=0, epoch=0, example_id=str(i), **extra),
+                args.repeats,
+            )[0]
+        ratio = timings["mask the raw image, then resize (PAPO)"] / timings["mask the resized image"]
+        print(
+            f"  raw {side} px: "
+            + ", ".join(f"{label} {value:.2f}" for label, value in timings.items())
+            + f"  (ratio {ratio:.1f}x)"
+        )
 
     config = SyntheticTaskConfig()
     start = time.perf_counter()

@@ -4,9 +4,11 @@
 - :class:`RolloutSamplesLogger`: rollout samples as JSON lines.
 - :class:`ThroughputMonitor`: whole-job throughput, rollout/update time split, peak memory.
 - :class:`AdapterExport`: the LoRA adapter in PEFT format (with the processor) beside every checkpoint.
+- :class:`EvaluationReport`: avg@k ± std over the k samples per benchmark, in the paper's table layout.
 - :func:`plot_runs`: overlay the curves of several runs (``cppo plot``).
 """
 
+from callbacks.evaluation import EvaluationReport
 from callbacks.export import AdapterExport
 from callbacks.perception import PerceptionTokenVisualizer
 from callbacks.plots import plot_groups, plot_runs
@@ -15,6 +17,7 @@ from callbacks.throughput import ThroughputMonitor
 
 __all__ = [
     "AdapterExport",
+    "EvaluationReport",
     "PerceptionTokenVisualizer",
     "RolloutSamplesLogger",
     "ThroughputMonitor",

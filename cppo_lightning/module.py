@@ -43,6 +43,7 @@ from cppo_lightning.rollout import (
     derived_seed,
     generate,
     repeat_rows,
+    reward_inputs,
     sampling_mode,
     seeded,
 )
@@ -632,19 +633,25 @@ class CPPOModule(pl.LightningModule):
         )
         with seeded(derived_seed(self.seed, self.global_rank, stage, dataloader_idx, batch_idx), self.device):
             example_rows, completion, mask, texts = self._sample(batch, k, config)
-        rows = example_rows.tolist()
-        grades = self.eval_grader(
-            [batch.questions[i] if batch.questions else "" for i in rows],
-            texts,
-            answers=[batch.answers[i] for i in rows],
-        )
+        # The dataset's columns too (benchmarks: choices, multiple_choice), as a reward function gets them.
+        prompts, columns = reward_inputs(batch, example_rows)
+        grades = self.eval_grader(prompts, texts, **columns)
         correct = torch.as_tensor(grades, dtype=torch.float32, device=self.device).view(len(batch), k)
         key = f"{stage}_{dataloader_idx}"
         if key not in self.eval_accuracy:
             self.eval_accuracy[key] = AverageAccuracy().to(self.device)
         metric = self.eval_accuracy[key]
         metric.update(correct)
-        self.log(f"{stage}/avg@{k}", metric, on_step=False, on_epoch=True, batch_size=len(batch))
+        # Named explicitly: Lightning caches the module's metric attributes at the first log, so a metric
+        # added for a later dataloader (several benchmarks) would not be found.
+        self.log(
+            f"{stage}/avg@{k}",
+            metric,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(batch),
+            metric_attribute=f"eval_accuracy.{key}",
+        )
         self.last_eval_rollout = Rollout(
             example_rows=example_rows,
             completion_ids=completion,

@@ -1,25 +1,44 @@
-"""Verifiable rewards: last-``\\boxed{}`` accuracy graded with math-verify, and the think/boxed format.
+"""Verifiable rewards, as in the release: last-``\\boxed{}`` accuracy and the think/boxed format.
 
 A reward function is any callable ``fn(prompts, completions, answers, **columns) -> list[float]``:
 ``prompts`` are the question texts, ``completions`` the decoded samples (one per rollout), ``answers``
 the reference answers aligned with them, and ``columns`` any other dataset columns (also aligned, one
 entry per rollout). Write one in your own module and name it by import path in the YAML.
 
-The release's reward is ``0.9 * accuracy + 0.1 * format``.
+The release's reward (``vbdi/cppo``, ``recipe/cppo/reward.py``, the same as EasyR1's) is
+``0.9 * accuracy + 0.1 * format`` with
+
+- accuracy: mathruler's ``grade_answer(extract_boxed_content(completion), answer)``; the grader is a
+  named choice (:mod:`cppo_lightning.graders`): ``accuracy_reward`` uses ``"mathruler"``,
+  ``math_verify_accuracy_reward`` the more lenient ``"math-verify"``;
+- format: ``re.fullmatch(r"<think>.*</think>.*\\\\boxed\\{.*\\}.*", completion, re.DOTALL)``.
+
+Benchmarks with multiple-choice questions are graded by :func:`choice_accuracy_reward` (option letter or
+option text, from a ``choices`` column).
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
+import json
 import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-log = logging.getLogger(__name__)
+from cppo_lightning.graders import (
+    get_grader,
+    grade_choice,
+    math_verify_grade,
+    normalize_answer,
+    parse_choices,
+)
 
-_FORMAT = re.compile(r"\s*<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
-_TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
+# The release's pattern, matched with fullmatch: nothing (not even whitespace) before <think>.
+_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+_BOXED_NONE = re.compile(r"\\boxed\{\s*None\s*\}")
+
+#: The earlier grader, kept under its old name: exact match after normalisation, then math-verify.
+answers_match = math_verify_grade
 
 
 class RewardFunction(Protocol):
@@ -31,78 +50,146 @@ class RewardFunction(Protocol):
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in ``text`` (nested braces allowed), or None.
+    """Content of the last ``\\boxed{...}`` (nested braces allowed), or None; as mathruler extracts it.
+
+    Only the last ``\\boxed{`` counts: when it is not closed the answer is missing (None), even if an
+    earlier box is complete (mathruler's ``extract_boxed_content``, which the release grades with).
 
     >>> extract_boxed(r"so \\boxed{1} no, \\boxed{\\frac{1}{2}}")
     '\\\\frac{1}{2}'
     """
+    from mathruler.grader import extract_boxed_content
+
     start = text.rfind("\\boxed{")
-    while start != -1:
-        depth, position = 0, start + len("\\boxed")
-        for index in range(position, len(text)):
-            if text[index] == "{":
-                depth += 1
-            elif text[index] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[position + 1 : index].strip()
-        # Unbalanced: look for an earlier, complete one.
-        start = text.rfind("\\boxed{", 0, start)
-    return None
+    if start == -1:
+        return None
+    content = extract_boxed_content(text)
+    # mathruler returns the string "None" for a missing answer; a real \boxed{None} is an answer.
+    if content == "None" and _BOXED_NONE.match(text, start) is None:
+        return None
+    return content
 
 
-def normalize_answer(answer: str) -> str:
-    """Lower-case; unwrap ``\\text{}``, ``$`` and a single ``\\boxed{}``; drop spaces, outer parentheses, a final period."""
-    boxed = extract_boxed(answer)
-    if boxed is not None and answer.strip().startswith("\\boxed{"):
-        answer = boxed
-    answer = _TEXT_WRAPPERS.sub(r"\1", answer)
-    answer = answer.replace("$", "").strip().rstrip(".").strip().lower()
-    answer = re.sub(r"\s+", "", answer)
-    if len(answer) > 2 and answer[0] == "(" and answer[-1] == ")":
-        answer = answer[1:-1]
+def reference_answer(answer: str) -> str:
+    """The reference to grade against: the content of a boxed reference (ViRL39K's), else the answer.
+
+    The release's ViRL39K preprocessing stores ``extract_boxed_content(answer)`` as ground truth.
+    """
+    if "\\boxed{" in answer:
+        boxed = extract_boxed(answer)
+        return boxed if boxed is not None else answer
     return answer
 
 
-def answers_match(predicted: str, reference: str) -> bool:
-    """Whether a predicted answer equals the reference.
-
-    Exact match after :func:`normalize_answer` (words, options, yes/no), else mathematical equivalence
-    by math-verify (``1/2`` = ``0.5`` = ``\\frac{1}{2}``).
-    """
-    if not predicted:
-        return False
-    if normalize_answer(predicted) == normalize_answer(reference):
-        return True
-    from math_verify import parse, verify
-
-    def as_latex(text: str) -> str:
-        return text if "\\boxed" in text or "$" in text else f"${text}$"
-
-    try:
-        gold = parse(as_latex(reference))
-        guess = parse(as_latex(predicted))
-        return bool(gold) and bool(guess) and bool(verify(gold, guess))
-    except Exception as error:  # a grader failure is a wrong answer, not a crashed run
-        log.debug("math-verify failed on %r vs %r: %s", predicted, reference, error)
-        return False
-
-
 def accuracy_reward(
-    prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str], **columns
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    answers: Sequence[str],
+    grader: str = "mathruler",
+    **columns,
 ) -> list[float]:
-    """1.0 when the last ``\\boxed{}`` of the completion matches the reference answer, else 0.0."""
+    """1.0 when the last ``\\boxed{}`` of the completion equals the reference answer, else 0.0.
+
+    A completion without a complete last box scores 0 (also when the reference is literally "None",
+    which the release would accept through mathruler's "None" placeholder).
+
+    Args:
+        prompts: questions (unused).
+        completions: decoded samples.
+        answers: reference answers, one per completion (a ``\\boxed{}`` reference is unwrapped).
+        grader: ``"mathruler"`` (the release's) or ``"math-verify"``.
+        **columns: other dataset columns (unused).
+    """
+    grade = get_grader(grader)
     rewards = []
     for completion, answer in zip(completions, answers, strict=True):
         predicted = extract_boxed(completion)
-        rewards.append(float(predicted is not None and answers_match(predicted, answer)))
+        rewards.append(float(predicted is not None and grade(predicted, reference_answer(answer))))
     return rewards
+
+
+def math_verify_accuracy_reward(
+    prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str], **columns
+) -> list[float]:
+    """:func:`accuracy_reward` graded by math-verify (the package's grader before the release's)."""
+    return accuracy_reward(prompts, completions, answers, grader="math-verify", **columns)
+
+
+def choice_accuracy_reward(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    answers: Sequence[str],
+    choices: Sequence | None = None,
+    multiple_choice: Sequence[bool] | None = None,
+    grader: str = "mathruler",
+    **columns,
+) -> list[float]:
+    """Accuracy for benchmarks that mix multiple-choice and free-form questions.
+
+    A multiple-choice question (``multiple_choice`` true, or ``choices`` not empty) is right when the
+    last box names the correct option letter(s) or the correct option's text; any other question is
+    graded as :func:`accuracy_reward`.
+
+    Args:
+        prompts: questions (unused).
+        completions: decoded samples.
+        answers: reference answers: a letter, a letter set (``"A, C"``) or the correct option's text.
+        choices: per completion, the option texts (a list, or a JSON list as the benchmark data module
+            stores it); empty for free-form questions.
+        multiple_choice: per completion, whether the question is multiple choice (options may be shown
+            only in the image, then only letters can be compared).
+        grader: ``"mathruler"`` or ``"math-verify"``, for free-form answers and option texts.
+        **columns: other dataset columns (unused).
+    """
+    grade = get_grader(grader)
+    size = len(completions)
+    choices = list(choices) if choices is not None else [None] * size
+    multiple_choice = list(multiple_choice) if multiple_choice is not None else [None] * size
+    rewards = []
+    for completion, answer, options, is_choice in zip(
+        completions, answers, choices, multiple_choice, strict=True
+    ):
+        predicted = extract_boxed(completion)
+        if predicted is None:
+            rewards.append(0.0)
+            continue
+        options = _decode_choices(options)
+        reference = reference_answer(answer)
+        if options or is_choice:
+            rewards.append(float(grade_choice(predicted, reference, options, grade)))
+        else:
+            rewards.append(float(grade(predicted, reference)))
+    return rewards
+
+
+def math_verify_choice_accuracy_reward(
+    prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str], **columns
+) -> list[float]:
+    """:func:`choice_accuracy_reward` graded by math-verify."""
+    return choice_accuracy_reward(prompts, completions, answers, grader="math-verify", **columns)
+
+
+# Both graders log their accuracy as ``accuracy`` (``train/accuracy``); see resolve_reward_function.
+math_verify_accuracy_reward.reward_name = "accuracy_reward"
+math_verify_choice_accuracy_reward.reward_name = "choice_accuracy_reward"
+
+
+def _decode_choices(value) -> list[str]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value else []
+        except ValueError:
+            return parse_choices(value)
+    return parse_choices(value)
 
 
 def format_reward(
     prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str], **columns
 ) -> list[float]:
-    """1.0 when the completion is ``<think>...</think>`` followed by text containing ``\\boxed{...}``."""
+    """1.0 when the whole completion is ``<think>...</think>`` then text containing ``\\boxed{...}``.
+
+    The release's ``re.fullmatch``: the completion must start with ``<think>`` (no leading whitespace).
+    """
     return [float(_FORMAT.fullmatch(completion) is not None) for completion in completions]
 
 
@@ -113,11 +200,15 @@ DEFAULT_REWARDS = {"cppo_lightning.rewards.accuracy_reward": 0.9, "cppo_lightnin
 def resolve_reward_function(spec: str | Callable) -> tuple[str, Callable]:
     """``(name, callable)`` for an import path (``package.module.function``) or a callable.
 
+    The name is the function's (attribute) name, or its ``reward_name`` attribute when it sets one: the
+    math-verify variant of the accuracy reward is named ``accuracy_reward`` so its metric stays
+    ``accuracy`` (list only one accuracy reward, or their metrics collide).
+
     Raises:
         ValueError: the path cannot be imported or does not name a callable.
     """
     if callable(spec):
-        return getattr(spec, "__name__", type(spec).__name__), spec
+        return getattr(spec, "reward_name", getattr(spec, "__name__", type(spec).__name__)), spec
     module_name, _, attribute = str(spec).rpartition(".")
     try:
         function = getattr(importlib.import_module(module_name), attribute)
@@ -125,9 +216,26 @@ def resolve_reward_function(spec: str | Callable) -> tuple[str, Callable]:
         raise ValueError(f"reward function {spec!r} cannot be imported: {error}") from None
     if not callable(function):
         raise ValueError(f"reward function {spec!r} is not callable")
-    return attribute, function
+    return getattr(function, "reward_name", attribute), function
 
 
 def short_name(name: str) -> str:
     """Metric name of a reward function: ``accuracy_reward`` -> ``accuracy``."""
     return name.removesuffix("_reward")
+
+
+__all__ = [
+    "DEFAULT_REWARDS",
+    "RewardFunction",
+    "accuracy_reward",
+    "answers_match",
+    "choice_accuracy_reward",
+    "extract_boxed",
+    "format_reward",
+    "math_verify_accuracy_reward",
+    "math_verify_choice_accuracy_reward",
+    "normalize_answer",
+    "reference_answer",
+    "resolve_reward_function",
+    "short_name",
+]

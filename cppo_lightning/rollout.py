@@ -190,14 +190,7 @@ class RewardModel:
             RuntimeError: a reward function raised (the message names it).
             ValueError: a reward function returned the wrong number of values or a non-finite one.
         """
-        rows = example_rows.tolist()
-        columns: dict[str, list] = {
-            "answers": [batch.answers[i] for i in rows],
-            "ids": [batch.ids[i] for i in rows],
-        }
-        for key in {key for metadata in batch.metadata for key in metadata}:
-            columns.setdefault(key, [batch.metadata[i].get(key) for i in rows])
-        prompts = [batch.questions[i] if batch.questions else "" for i in rows]
+        prompts, columns = reward_inputs(batch, example_rows)
         total = torch.zeros(len(completions), dtype=torch.float32)
         terms = {}
         for name, function, weight in self.functions:
@@ -217,6 +210,27 @@ class RewardModel:
             terms[name] = values
             total += weight * values
         return total, terms
+
+
+def reward_inputs(batch: PromptBatch, example_rows: Tensor) -> tuple[list[str], dict[str, list]]:
+    """What a reward function is called with besides the completions, one entry per completion.
+
+    Args:
+        batch: the prompts.
+        example_rows: [N] prompt index of each completion.
+
+    Returns:
+        ``(prompts, columns)``: the questions, and ``answers``, ``ids`` and every metadata column of the
+        batch (None where an example lacks it), for ``fn(prompts, completions, **columns)``.
+    """
+    rows = example_rows.tolist()
+    columns: dict[str, list] = {
+        "answers": [batch.answers[i] for i in rows],
+        "ids": [batch.ids[i] for i in rows],
+    }
+    for key in sorted({key for metadata in batch.metadata for key in metadata}):
+        columns.setdefault(key, [batch.metadata[i].get(key) for i in rows])
+    return [batch.questions[i] if batch.questions else "" for i in rows], columns
 
 
 def decode(tokenizer, completion_ids: Tensor, mask: Tensor) -> list[str]:

@@ -1,5 +1,7 @@
-"""DataModules: data sources, albumentations perturbation pools, the synthetic perception task, collation."""
+"""DataModules: data sources, albumentations perturbation pools, the synthetic perception task, evaluation
+benchmarks, collation."""
 
+from datamodules.benchmarks import Benchmark, BenchmarkDataModule
 from datamodules.examples import DEFAULT_PROMPT_TEMPLATE, ImageLimits, PromptEncoder, SkipReport
 from datamodules.perturbations import PerturbationPool, ViewMaker
 from datamodules.sources import Columns, DataSource
@@ -8,6 +10,8 @@ from datamodules.vqa import SyntheticVQADataModule, VisualQADataModule, VQADatas
 
 __all__ = [
     "DEFAULT_PROMPT_TEMPLATE",
+    "Benchmark",
+    "BenchmarkDataModule",
     "Columns",
     "DataSource",
     "ImageLimits",

@@ -12,15 +12,17 @@ numpy arrays of another shape or dtype (grayscale ``[H, W]``, RGBA, float) are r
 ``ValueError`` rather than silently converted, because the VLM processors downstream expect RGB.
 
 Defaults follow the authors' release (``vbdi/cppo``, ``recipe/cppo/cppo_dataset.py``), which uses
-torchvision; where albumentations has no exact equivalent the mapping is documented at the factory.
+torchvision; where albumentations has no exact equivalent the transform is written here as an
+albumentations transform (:class:`RandomPerspective`, :class:`RandomZoomCrop`, :class:`RandomPatchMasking`).
+CPPO's views perturb the image after its resize into the pixel limits, as the release does; PAPO's masked
+view perturbs the raw image before the resize, as PAPO does (``PerturbationPool.before_resize``).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import albumentations as A
@@ -42,6 +44,7 @@ __all__ = [
     "VIEW_NAMES",
     "PerturbationPool",
     "RandomPatchMasking",
+    "RandomPerspective",
     "RandomZoomCrop",
     "ViewMaker",
     "derive_view_seeds",
@@ -52,7 +55,6 @@ __all__ = [
     "make_views",
     "papo_masking_pool",
     "papo_masking_transforms",
-    "perspective_scale_from_distortion",
     "to_rgb_array",
 ]
 
@@ -155,6 +157,161 @@ class RandomZoomCrop(A.DualTransform):
         return fgeometric.keypoints_scale(cropped, width / (x_max - x_min), height / (y_max - y_min))
 
 
+class RandomPerspective(A.DualTransform):
+    """torchvision's ``RandomPerspective(distortion_scale, p)`` as an albumentations transform.
+
+    The release's ``I+`` perspective (``T.RandomPerspective(distortion_scale=0.2, p=0.5)`` on PIL
+    images). Parameters are drawn as in torchvision's ``get_params``: with ``h = H // 2``, ``w = W // 2``,
+    each corner moves inwards by an integer offset drawn uniformly from ``0 .. int(d * w)`` horizontally
+    and ``0 .. int(d * h)`` vertically (eight independent draws), e.g. top-left to
+    ``(randint(0, int(d * w)), randint(0, int(d * h)))``, top-right to ``(W - 1 - randint(...), ...)``.
+    The image is warped so that its corners ``(0, 0) .. (W - 1, H - 1)`` land on those points, on the
+    same canvas, with bilinear interpolation and ``fill`` where the warped image does not reach.
+
+    The warp reproduces PIL's ``Image.transform(PERSPECTIVE)`` that torchvision calls for PIL images, to
+    within one grey level (tested): the homography is applied in PIL's pixel-corner coordinates, pixels
+    whose source falls outside the image get ``fill``, the others are interpolated from the image only.
+    Draws come from albumentations' own generator, so pools stay reproducible by
+    ``(seed, epoch, example_id)``.
+
+    Args:
+        distortion_scale: ``d`` in ``[0, 1]``: how far corners may move, as a fraction of half the side.
+        interpolation: OpenCV interpolation flag for the image.
+        fill: value of the uncovered pixels (0 = black, torchvision's default).
+        fill_mask: value of the uncovered mask pixels.
+        p: probability of applying the transform (torchvision's default 0.5).
+
+    Targets:
+        image, mask
+    """
+
+    _targets = (Targets.IMAGE, Targets.MASK)
+
+    class InitSchema(BaseTransformInitSchema):
+        distortion_scale: float = Field(ge=0, le=1)
+        interpolation: int
+        fill: float
+        fill_mask: float
+
+    def __init__(
+        self,
+        distortion_scale: float = 0.5,
+        interpolation: int = cv2.INTER_LINEAR,
+        fill: float = 0,
+        fill_mask: float = 0,
+        p: float = 0.5,
+    ):
+        super().__init__(p=p)
+        self.distortion_scale = distortion_scale
+        self.interpolation = interpolation
+        self.fill = fill
+        self.fill_mask = fill_mask
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        """Draw the corner endpoints ``[4, 2]`` (x, y; top-left, top-right, bottom-right, bottom-left)."""
+        height, width = params["shape"][:2]
+        dx = int(self.distortion_scale * (width // 2))
+        dy = int(self.distortion_scale * (height // 2))
+        randint = self.py_random.randint  # inclusive bounds, torchvision's randint(0, n + 1)
+        endpoints = np.array(
+            [
+                [randint(0, dx), randint(0, dy)],
+                [width - 1 - randint(0, dx), randint(0, dy)],
+                [width - 1 - randint(0, dx), height - 1 - randint(0, dy)],
+                [randint(0, dx), height - 1 - randint(0, dy)],
+            ],
+            dtype=np.float64,
+        )
+        return {"endpoints": endpoints}
+
+    @staticmethod
+    def uncovered(shape: tuple[int, ...], inverse: np.ndarray) -> np.ndarray:
+        """Output pixels ``[H, W]`` whose source point falls outside the image (PIL fills those).
+
+        Args:
+            shape: the image shape ``(H, W, ...)``.
+            inverse: the output -> input homography ``[3, 3]`` in PIL's pixel-corner coordinates.
+        """
+        height, width = shape[:2]
+        # Nearest-neighbour warp of an all-ones image: 0 exactly where the source point is outside, up to
+        # OpenCV's rounding of points on the edge. Those lie in a one-pixel band on either side of the
+        # edge, which is decided again in double precision, term by term as PIL computes it.
+        covered = cv2.warpPerspective(
+            np.ones((height, width), np.uint8),
+            _HALF_PIXEL_BACK @ inverse @ _HALF_PIXEL,
+            (width, height),
+            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
+        kernel = np.ones((3, 3), np.uint8)
+        rows, cols = np.nonzero(cv2.dilate(covered, kernel) != cv2.erode(covered, kernel))
+        outside = covered == 0
+        if len(rows):
+            source_x, source_y = _project(inverse, rows, cols)
+            outside[rows, cols] = (source_x < 0) | (source_x >= width) | (source_y < 0) | (source_y >= height)
+        return outside
+
+    def _warp(self, img: np.ndarray, endpoints: np.ndarray, interpolation: int, fill: float) -> np.ndarray:
+        height, width = img.shape[:2]
+        inverse = _perspective_coefficients(height, width, endpoints)
+        # OpenCV puts pixel centres at integer coordinates, PIL at +0.5: conjugate the map by that shift.
+        centred = _HALF_PIXEL_BACK @ inverse @ _HALF_PIXEL
+        out = cv2.warpPerspective(
+            img,
+            centred,
+            (width, height),
+            flags=interpolation | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,  # inside pixels interpolate from the image only, as PIL's
+        )
+        outside = self.uncovered(img.shape, inverse)
+        # A masked copy is ~20x faster than boolean-index assignment on [H, W, C].
+        out = cv2.bitwise_and(out, out, mask=(~outside).view(np.uint8))
+        if fill != 0:
+            out[outside] = fill
+        return out
+
+    def apply(self, img: np.ndarray, endpoints: np.ndarray, **params: Any) -> np.ndarray:
+        """Warp ``img`` ``[H, W, C]`` onto the same canvas."""
+        return self._warp(img, endpoints, self.interpolation, self.fill)
+
+    def apply_to_mask(self, mask: np.ndarray, endpoints: np.ndarray, **params: Any) -> np.ndarray:
+        """Warp a mask ``[H, W]`` / ``[H, W, C]`` with nearest-neighbour interpolation."""
+        return self._warp(mask, endpoints, cv2.INTER_NEAREST, self.fill_mask)
+
+
+_HALF_PIXEL = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]], dtype=np.float64)
+_HALF_PIXEL_BACK = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1]], dtype=np.float64)
+
+
+def _perspective_coefficients(height: int, width: int, endpoints: np.ndarray) -> np.ndarray:
+    """The output -> input homography ``[3, 3]`` as torchvision's ``_get_perspective_coeffs`` computes it.
+
+    The eight coefficients solve ``endpoints -> startpoints`` (the image corners) in double precision and
+    are rounded to float32, as torchvision hands them to PIL; PIL applies them to pixel centres
+    ``x + 0.5`` in pixel-corner coordinates.
+    """
+    startpoints = np.array([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]], np.float64)
+    system = np.zeros((8, 8))
+    for i, ((x, y), (u, v)) in enumerate(zip(endpoints, startpoints)):
+        system[2 * i] = [x, y, 1, 0, 0, 0, -u * x, -u * y]
+        system[2 * i + 1] = [0, 0, 0, x, y, 1, -v * x, -v * y]
+    coefficients = np.linalg.solve(system, startpoints.reshape(8)).astype(np.float32).astype(np.float64)
+    return np.append(coefficients, 1.0).reshape(3, 3)
+
+
+def _project(homography: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Source points (pixel-corner coordinates) of the centres of output pixels ``(rows, cols)``.
+
+    Double precision and PIL's expression, term by term, so that a point on the edge of the image is
+    decided as PIL decides it.
+    """
+    (a, b, c), (d, e, f), (g, h, _) = homography
+    xs, ys = cols.astype(np.float64) + 0.5, rows.astype(np.float64) + 0.5
+    denominator = g * xs + h * ys + 1
+    return (a * xs + b * ys + c) / denominator, (d * xs + e * ys + f) / denominator
+
+
 class RandomPatchMasking(A.ImageOnlyTransform):
     """PAPO's masked view: blacken every ``patch_size x patch_size`` cell independently with ``drop_prob``.
 
@@ -207,48 +364,20 @@ class RandomPatchMasking(A.ImageOnlyTransform):
 # --------------------------------------------------------------------------------------------------------
 
 
-def perspective_scale_from_distortion(distortion_scale: float) -> float:
-    """Map torchvision's ``RandomPerspective(distortion_scale=d)`` onto ``A.Perspective(scale=...)``.
-
-    torchvision moves each corner coordinate inwards by ``U(0, d / 2)`` of the side (mean ``d / 4``).
-    albumentations moves it by ``|N(0, s)|`` of the side (mean ``s * sqrt(2 / pi)``). Equal mean
-    displacement gives ``s = d / 4 * sqrt(pi / 2)``: 0.0627 for the release's ``d = 0.2``.
-
-    albumentations maps the jittered quadrilateral onto the full canvas. With ``keep_size=True`` alone,
-    2.0.8 then rescales by ``size / quadrilateral size`` a second time, which zooms in further and pushes
-    the content towards the bottom-right (a centred object moves by 15 px on average at 224 px, up to
-    50 px). ``fit_output=True`` fixes that: the whole warped image is fitted into the canvas and resized
-    back, like torchvision's result (the full image, warped, black where it does not reach).
-
-    Args:
-        distortion_scale: torchvision's ``distortion_scale``, in ``[0, 1]``.
-
-    Returns:
-        The albumentations ``scale`` (standard deviation, as a fraction of the side).
-    """
-    return distortion_scale / 4 * math.sqrt(math.pi / 2)
-
-
 def information_preserving_transforms() -> list[A.BasicTransform]:
     """The release's ``I+`` pool: colour jitter, perspective (``p = 0.5``), rotation within +/-10 degrees.
 
     Returns:
         New transform instances (safe to put in a pipeline).
     """
-    perspective_scale = perspective_scale_from_distortion(0.2)
     return [
         # torchvision's ColorJitter always applies (p=1); hue (0, 0) = no hue change.
         A.ColorJitter(
             brightness=(0.2, 1.3), contrast=(0.2, 1.8), saturation=(0.2, 1.8), hue=(0.0, 0.0), p=1.0
         ),
-        A.Perspective(
-            scale=(perspective_scale, perspective_scale),
-            keep_size=True,
-            fit_output=True,  # see perspective_scale_from_distortion: keep_size alone over-zooms in 2.0.8
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            p=0.5,
-        ),
+        # torchvision's RandomPerspective(distortion_scale=0.2, p=0.5): corners moved inwards, black border.
+        # (albumentations' Perspective draws |N(0, s)| offsets and rescales the result: another distribution.)
+        RandomPerspective(distortion_scale=0.2, p=0.5),
         # torchvision's RandomRotation(10): same canvas, corners filled with 0, nearest interpolation.
         A.Rotate(
             limit=(-10, 10),
@@ -376,13 +505,23 @@ class PerturbationPool:
         view: Which view the pool produces: ``"preserving"`` (``I+``), ``"removing"`` (``I-``) or ``"masked"``
             (PAPO). Selects the default transforms and is mixed into the per-example seed, so pools of
             different views draw independently. Other names are allowed when ``transforms`` is given.
+        before_resize: Apply the transforms to the raw image, before it is resized into the pixel limits
+            (the view is then resized the same way, so it keeps the original view's size). None: True for
+            PAPO's masked view, as PAPO masks the raw image and the processor resizes it afterwards (its
+            14 px cells then cover ``14 * scale`` pixels of the model's input); False for the others, as
+            the CPPO release perturbs the resized image.
 
     Raises:
         ValueError: Empty pool, unknown ``view`` without ``transforms``, invalid transform arguments, or a
             transform that changes the image size (the message names the transform class).
     """
 
-    def __init__(self, transforms: Sequence[A.BasicTransform] | None = None, view: str = PRESERVING):
+    def __init__(
+        self,
+        transforms: Sequence[A.BasicTransform] | None = None,
+        view: str = PRESERVING,
+        before_resize: bool | None = None,
+    ):
         if transforms is None:
             if view not in _DEFAULT_TRANSFORMS:
                 raise ValueError(f"no default transforms for view {view!r}; known views: {VIEW_NAMES}")
@@ -396,6 +535,7 @@ class PerturbationPool:
                     f"pool entries must be albumentations transforms, got {type(transform).__name__}"
                 )
         self.view = view
+        self._before_resize = before_resize
         self.transforms: list[A.BasicTransform] = [copy.deepcopy(t) for t in transforms]
         self._pipelines = [A.Compose([t], strict=True) for t in self.transforms]
         for transform in self.transforms:
@@ -403,6 +543,11 @@ class PerturbationPool:
 
     def __len__(self) -> int:
         return len(self.transforms)
+
+    @property
+    def before_resize(self) -> bool:
+        """Whether this pool perturbs the raw image (before the resize into the pixel limits)."""
+        return self._before_resize if self._before_resize is not None else self.view == MASKED
 
     def __repr__(self) -> str:
         names = ", ".join(type(t).__name__ for t in self.transforms)
@@ -471,9 +616,13 @@ def information_removing_pool() -> PerturbationPool:
     return PerturbationPool(view=REMOVING)
 
 
-def papo_masking_pool(patch_size: int = 14, drop_prob: float = 0.6) -> PerturbationPool:
-    """PAPO's masked-view pool (see :func:`papo_masking_transforms`)."""
-    return PerturbationPool(papo_masking_transforms(patch_size, drop_prob), view=MASKED)
+def papo_masking_pool(
+    patch_size: int = 14, drop_prob: float = 0.6, before_resize: bool = True
+) -> PerturbationPool:
+    """PAPO's masked-view pool (see :func:`papo_masking_transforms`), on the raw image by default."""
+    return PerturbationPool(
+        papo_masking_transforms(patch_size, drop_prob), view=MASKED, before_resize=before_resize
+    )
 
 
 class ViewMaker:
@@ -510,24 +659,54 @@ class ViewMaker:
                 pool.view = view
             self.pools[view] = pool
 
+    @property
+    def needs_raw_image(self) -> bool:
+        """Whether a pool perturbs the image before its resize (then pass ``raw`` and ``resize``)."""
+        return any(pool.before_resize for pool in self.pools.values())
+
     def __call__(
-        self, image: np.ndarray | Image.Image, *, seed: int, epoch: int, example_id: str
+        self,
+        image: np.ndarray | Image.Image,
+        *,
+        seed: int,
+        epoch: int,
+        example_id: str,
+        raw: np.ndarray | Image.Image | None = None,
+        resize: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """The original and the requested views of ``image``.
 
         Args:
-            image: ``uint8`` array ``[H, W, 3]`` or PIL image.
+            image: ``uint8`` array ``[H, W, 3]`` or PIL image, as the model sees it (resized).
             seed: Run seed.
             epoch: Epoch index.
             example_id: Stable example identifier.
+            raw: The image before its resize, for pools with ``before_resize`` (None: ``image`` is used).
+            resize: Turns a perturbed ``raw`` (``uint8`` ``[h, w, 3]``) into ``image``'s size, the way
+                ``image`` was made from ``raw``. Required with ``raw``.
 
         Returns:
-            ``{"original": ..., <view>: ...}``, every value ``uint8`` ``[H, W, 3]`` with the input's size.
+            ``{"original": ..., <view>: ...}``, every value ``uint8`` ``[H, W, 3]`` with ``image``'s size.
+
+        Raises:
+            ValueError: ``raw`` without ``resize``, or a resized view that does not match ``image``'s size.
         """
         original = to_rgb_array(image)
+        if raw is not None and resize is None:
+            raise ValueError("a raw image needs the resize that made the model's image from it")
+        raw_array = to_rgb_array(raw) if raw is not None and self.needs_raw_image else None
         out = {"original": original}
         for view, pool in self.pools.items():
-            out[view] = pool(original, seed=seed, epoch=epoch, example_id=example_id)
+            if pool.before_resize and raw_array is not None:
+                perturbed = np.asarray(resize(pool(raw_array, seed=seed, epoch=epoch, example_id=example_id)))
+                if perturbed.shape != original.shape:
+                    raise ValueError(
+                        f"the {view!r} view of example {example_id!r} resizes to {perturbed.shape}, the image "
+                        f"is {original.shape}: resize must be the one that made the image from the raw one"
+                    )
+                out[view] = perturbed
+            else:
+                out[view] = pool(original, seed=seed, epoch=epoch, example_id=example_id)
         return out
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Any
 
 import datasets
 import lightning.pytorch as pl
 import numpy as np
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
@@ -37,7 +39,7 @@ from datamodules.examples import (
 )
 from datamodules.perturbations import PerturbationPool, ViewMaker
 from datamodules.sampling import EpochProgress, ResumableDataLoader, ResumableSampler
-from datamodules.sources import DataSource, load_source, resolve_columns
+from datamodules.sources import Columns, DataSource, load_source, resolve_columns
 from datamodules.synthetic import SyntheticTaskConfig, generate_split, to_hf_dataset
 
 log = logging.getLogger(__name__)
@@ -89,18 +91,31 @@ class VQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def raw_image(self, index: int) -> Image.Image:
+        """The checked RGB image of example ``index`` as stored (before the pixel limits)."""
+        value = self.dataset[self.rows[index]][self.columns["image"]]
+        return to_rgb(open_image(value, self.image_root))
+
+    def resize(self, image: np.ndarray | Image.Image) -> np.ndarray:
+        """``image`` resized into the pixel limits, as uint8 ``[H, W, 3]``."""
+        image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+        return np.asarray(fit_pixels(image, self.limits))
+
     def image(self, index: int) -> np.ndarray:
         """The checked, RGB, pixel-limited image of example ``index`` as uint8 ``[H, W, 3]``."""
-        value = self.dataset[self.rows[index]][self.columns["image"]]
-        return np.asarray(fit_pixels(to_rgb(open_image(value, self.image_root)), self.limits))
+        return self.resize(self.raw_image(index))
 
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         row = self.dataset[self.rows[index]]
         example_id = self.ids[index]
-        image = self.image(index)
+        raw = self.raw_image(index)
+        image = self.resize(raw)
         if self.view_maker is not None:
-            views = self.view_maker(image, seed=self.seed, epoch=epoch, example_id=example_id)
+            # PAPO's mask is drawn on the raw image and resized like the original (before_resize pools).
+            views = self.view_maker(
+                image, seed=self.seed, epoch=epoch, example_id=example_id, raw=raw, resize=self.resize
+            )
         else:
             views = {ORIGINAL: image}
         skip = {self.columns["image"], self.columns["question"], self.columns["answer"]}
@@ -288,19 +303,23 @@ class VisualQADataModule(pl.LightningDataModule):
         sources = self.val_sources if stage == "val" else self.test_sources
         return [(source.display_name, source) for source in sources]
 
+    def _load(
+        self, name: str, source: DataSource | datasets.Dataset, report: SkipReport
+    ) -> tuple[datasets.Dataset, Columns, Path | None]:
+        """The split of a source, its column names and the folder of relative image paths.
+
+        Subclasses may reshape the rows here (the benchmarks' data module does); rows they drop must be
+        counted in ``report`` (``total`` and a reason each), like the checks that follow count theirs.
+        """
+        if isinstance(source, DataSource):
+            return load_source(source), source.columns, source.resolved_image_root()
+        return source, Columns(), None
+
     def _build(
         self, stage: str, name: str, source: DataSource | datasets.Dataset, views: tuple[str, ...]
     ) -> VQADataset:
-        if isinstance(source, DataSource):
-            dataset, column_config, image_root = (
-                load_source(source),
-                source.columns,
-                source.resolved_image_root(),
-            )
-        else:
-            from datamodules.sources import Columns
-
-            dataset, column_config, image_root = source, Columns(), None
+        report = SkipReport(source=f"{stage}:{name}")
+        dataset, column_config, image_root = self._load(name, source, report)
         columns = resolve_columns(dataset, column_config, name)
         ids = example_ids(dataset[columns["id"]] if columns["id"] else None, name, len(dataset))
         encoder = PromptEncoder(
@@ -310,7 +329,6 @@ class VisualQADataModule(pl.LightningDataModule):
             max_prompt_tokens=self.max_prompt_tokens,
         )
         limits = self.image_limits()
-        report = SkipReport(source=f"{stage}:{name}")
         rows = check_examples(dataset, columns, ids, encoder, limits, image_root, report, self.strict)
         self.skip_reports.append(report)
         log.info(report.summary())

@@ -7,12 +7,14 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from cli import lightning_cli, main, warmstart_cli
 from cppo_lightning.module import CPPOModule
 from cppo_lightning.objectives import CPPO, GRPO, PAPO
 from cppo_lightning.warmstart import WarmStartModule
-from datamodules import VisualQADataModule
+from datamodules import Benchmark, BenchmarkDataModule, VisualQADataModule
+from datamodules.benchmarks import PAPER_BENCHMARKS
 from helpers import ROOT, VARIED_REWARD, demo_args
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -46,6 +48,9 @@ def test_every_shipped_config_validates(config):
         "--trainer.logger",
         "false",
     ]
+    if config.parent.name == "eval":
+        check_evaluation_config(config, args)
+        return
     if config.stem == "warmstart":
         cli = warmstart_cli(args, run=False)
         assert isinstance(cli.model, WarmStartModule) and cli.model.policy_config.finetuning == "full"
@@ -62,6 +67,37 @@ def test_every_shipped_config_validates(config):
     assert cli.model.rollout_config.samples_per_prompt == 5 and cli.model.rollout_config.temperature == 1.0
     if "qlora" in config.stem:
         assert cli.model.policy_config.finetuning == "qlora"
+    if config.parent.name == "release":
+        check_release_recipe(config, cli)
+
+
+def check_evaluation_config(config, args):
+    """configs/eval: the protocol alone, or the protocol with one benchmark, as `cppo test` reads them."""
+    protocol = ROOT / "configs" / "eval" / "protocol.yaml"
+    files = ["--config", str(protocol)] + ([] if config == protocol else ["--config", str(config)])
+    cli = lightning_cli(files + args[2:], run=False)
+    assert isinstance(cli.datamodule, BenchmarkDataModule)
+    evaluation = cli.model.evaluation
+    assert (evaluation.samples_per_question, evaluation.temperature, evaluation.top_p) == (8, 1.0, 1.0)
+    assert evaluation.reward == "cppo_lightning.rewards.choice_accuracy_reward"
+    assert not cli.model.objective.needs_reference  # nothing is trained: no reference copy is loaded
+    if config != protocol:
+        (benchmark,) = cli.datamodule.benchmarks
+        assert isinstance(benchmark, Benchmark) and benchmark.name in PAPER_BENCHMARKS
+
+
+def check_release_recipe(config, cli):
+    """configs/release: the release's schedule on 8 GPUs (the test runs them on one CPU device)."""
+    raw = yaml.safe_load(config.read_text())
+    gpus = raw["trainer"]["devices"] * raw["trainer"]["num_nodes"]
+    assert gpus == 8 and raw["trainer"]["max_epochs"] == 2
+    assert "FSDPStrategy" in raw["trainer"]["strategy"]["class_path"]
+    assert cli.model.policy_config.finetuning == "full"
+    assert gpus * cli.datamodule.batch_size == 512  # prompts per rollout batch
+    assert gpus * cli.model.update_config.mini_batch_prompts == 64  # prompts per optimizer step
+    assert cli.model.rollout_config.max_new_tokens == 4096
+    assert raw["model"]["optimizer"]["init_args"]["lr"] == 1e-6
+    assert cli.datamodule.train_source.path == "TIGER-Lab/ViRL39K"
 
 
 def test_unknown_config_key_is_rejected(capsys):

@@ -1,4 +1,7 @@
-"""Verifiable rewards: the last \\boxed{} answer, graded by exact match or math-verify; the think/boxed format."""
+"""Verifiable rewards: the last \\boxed{} answer (mathruler's extraction), the graders, the release's format check.
+
+The two graders on tricky pairs and multiple-choice grading: tests/test_graders.py.
+"""
 
 import pytest
 from hypothesis import given
@@ -23,7 +26,7 @@ from cppo_lightning.rewards import (
         (r"\boxed{ red }", "red"),
         (r"no box here", None),
         (r"\boxed{unclosed", None),
-        (r"\boxed{a} and \boxed{broken", "a"),  # an unbalanced last box falls back to the complete one
+        (r"\boxed{a} and \boxed{broken", None),  # only the last box counts, as in mathruler
     ],
 )
 def test_extract_boxed(text, expected):
@@ -68,6 +71,8 @@ def test_accuracy_reward_grades_the_last_box():
         (r"\boxed{3}", 0.0),  # no reasoning block
         (r"<think> x </think> 3", 0.0),  # no box
         (r"\boxed{3} <think> x </think>", 0.0),  # box before the reasoning
+        ("\n<think> x </think> \\boxed{3}", 0.0),  # the release's fullmatch: nothing before <think>
+        (r"<think> x </think> \boxed{3} trailing text", 1.0),
     ],
 )
 def test_format_reward(completion, expected):

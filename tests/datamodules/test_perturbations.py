@@ -25,6 +25,7 @@ from datamodules.perturbations import (
     VIEW_NAMES,
     PerturbationPool,
     RandomPatchMasking,
+    RandomPerspective,
     RandomZoomCrop,
     ViewMaker,
     derive_view_seeds,
@@ -33,7 +34,6 @@ from datamodules.perturbations import (
     make_views,
     papo_masking_pool,
     papo_masking_transforms,
-    perspective_scale_from_distortion,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,9 +99,8 @@ def test_default_pools_are_the_release_pools():
     assert jitter.brightness == (0.2, 1.3)
     assert jitter.contrast == jitter.saturation == (0.2, 1.8)
     assert jitter.hue == (0.0, 0.0)
-    assert isinstance(perspective, A.Perspective) and perspective.p == 0.5 and perspective.keep_size
-    # distortion_scale 0.2 -> mean corner shift 0.05 of the side -> sigma = 0.05 * sqrt(pi / 2) = 0.0627
-    assert perspective.scale == pytest.approx((0.0627, 0.0627), abs=1e-4)
+    assert isinstance(perspective, RandomPerspective) and perspective.p == 0.5
+    assert perspective.distortion_scale == 0.2 and perspective.fill == 0
     assert isinstance(rotate, A.Rotate) and rotate.limit == (-10, 10) and rotate.p == 1
     assert not rotate.crop_border
 
@@ -114,13 +113,10 @@ def test_default_pools_are_the_release_pools():
     (mask,) = papo_masking_pool().transforms
     assert isinstance(mask, RandomPatchMasking)
     assert (mask.patch_size, mask.drop_prob, mask.fill) == (14, 0.6, 0)
-
-
-def test_perspective_scale_matches_torchvision_mean_corner_shift():
-    # torchvision: U(0, d/2) of the side, mean d/4; |N(0, s)| has mean s * sqrt(2/pi).
-    for d in (0.1, 0.2, 0.5):
-        s = perspective_scale_from_distortion(d)
-        assert s * np.sqrt(2 / np.pi) == pytest.approx(d / 4)
+    # PAPO masks the raw image; CPPO's views perturb the resized one, as in the release.
+    assert papo_masking_pool().before_resize and PerturbationPool(view=MASKED).before_resize
+    assert not PerturbationPool(view=PRESERVING).before_resize
+    assert not PerturbationPool(view=REMOVING).before_resize
 
 
 def test_grayscale_and_non_uint8_arrays_are_rejected_pil_images_are_converted():
@@ -407,16 +403,16 @@ def test_rotation_keeps_a_centred_shape_in_place():
 
 
 def test_perspective_keeps_a_centred_shape_near_the_centre_without_drift():
-    pool = transform_named(forced_single_transform_pools(), "Perspective")
+    pool = transform_named(forced_single_transform_pools(), "RandomPerspective")
     image = np.zeros((224, 224, 3), dtype=np.uint8)
     image[82:142, 82:142] = 255
     outs = [pool(image, seed=0, epoch=0, example_id=str(i)) for i in range(200)]
     shifts = np.array([centroid(out[..., 0]) - 111.5 for out in outs])
     distances = np.hypot(*shifts.T)
-    # Corners move by |N(0, 0.063)| of the side (~0.05 = 11 px on average); the centre moves by a signed
-    # mix of the four, ~7 px typically. By symmetry the mean shift is 0; 200 draws with ~9 px spread give a
-    # mean within 3 px (> 4 sd). Perspective(keep_size=True) without fit_output (the 2.0.8 double rescale)
-    # drifts towards the bottom-right by ~10 px on average and fails this.
+    # Corners move inwards by U{0..22} px (d * 112 = 22.4); the centre moves by a signed mix of the eight
+    # offsets, a few px. By symmetry the mean shift is 0: 200 draws with a spread of a few px give a mean
+    # within 3 px (> 4 sd). albumentations' Perspective(keep_size=True) without fit_output (its 2.0.8
+    # double rescale) drifts towards the bottom-right by ~10 px on average and fails this.
     assert np.median(distances) < 0.05 * 224
     assert np.abs(shifts.mean(axis=0)).max() < 3.0, shifts.mean(axis=0)
 

@@ -457,6 +457,29 @@ def test_views_follow_the_attached_module(tiny_qwen, parquet_source, objective, 
         assert black[MASKED] > black[ORIGINAL]
 
 
+def test_papo_batches_mask_the_raw_image_before_the_resize(tiny_qwen, tmp_path):
+    # A 448 px white image, resized by 1/2 into max_pixels 224 x 224: PAPO's 14 px cells of the raw image
+    # are 7 px cells in the batch's masked view (masking after the resize would give 14 px cells).
+    Image.fromarray(np.full((448, 448, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    example = {"id": "w", "image": "white.png", "question": "How many?", "answer": "1"}
+    (tmp_path / "data.jsonl").write_text(json.dumps(example) + "\n")
+    dm = datamodule(
+        DataSource(path=str(tmp_path / "data.jsonl")),
+        tiny_qwen,
+        batch_size=1,
+        views=["masked"],
+        max_pixels=50176,
+    )
+    dm.setup("fit")
+    (batch,) = train_batches(dm)
+    masked = batch.images[MASKED][0]
+    assert masked.shape == batch.images[ORIGINAL][0].shape == (224, 224, 3)
+    centres = masked[3::7, 3::7, 0]
+    assert set(np.unique(centres)) == {0, 255}
+    np.testing.assert_array_equal(masked[2::7, 2::7, 0], centres)  # the cores of 7 px cells agree
+    assert (centres[:, 0::2] != centres[:, 1::2]).any()  # and neighbouring 7 px cells differ somewhere
+
+
 def test_without_a_module_the_datamodule_makes_cppo_views_or_the_configured_ones(tiny_qwen, parquet_source):
     assert datamodule(parquet_source, tiny_qwen).wanted_views() == (ORIGINAL, PRESERVING, REMOVING)
     assert datamodule(parquet_source, tiny_qwen, views=["masked"]).wanted_views() == (ORIGINAL, MASKED)
