@@ -699,7 +699,8 @@ def contrastive_perception_loss(
 
     Returns:
         tuple[Tensor, dict[str, Tensor]]: the 0-dim loss, and detached 0-dim metrics (means over
-        ``M``, 0 when empty): ``cpl``, ``divergence_preserving``, ``divergence_removing``.
+        ``M``, 0 when empty): ``cpl``, ``divergence_preserving``, ``divergence_removing``,
+        ``cpl_direction``.
     """
     _check_choice("divergence", divergence, DIVERGENCES)
     check_same_shape(
@@ -741,7 +742,8 @@ def contrastive_perception_loss_from_divergences(
 
     Returns:
         tuple[Tensor, dict[str, Tensor]]: the 0-dim loss and the metrics ``cpl``,
-        ``divergence_preserving``, ``divergence_removing``.
+        ``divergence_preserving``, ``divergence_removing`` and ``cpl_direction`` (the fraction of
+        ``M`` with ``D+ < D-``).
     """
     if not tau > 0:
         raise ValueError(f"tau must be positive, got {tau}")
@@ -758,6 +760,11 @@ def contrastive_perception_loss_from_divergences(
         "cpl": token_mean(cpl, mask, counts, count_key),
         "divergence_preserving": token_mean(divergence_preserving, mask, counts, count_key),
         "divergence_removing": token_mean(divergence_removing, mask, counts, count_key),
+        # The CPL's direction: on the share of perception tokens with D+ < D- it already agrees with
+        # the views; below 0.5 the views disagree with the loss (I+ moves the outputs more than I-).
+        "cpl_direction": token_mean(
+            (divergence_preserving < divergence_removing).float(), mask, counts, count_key
+        ),
     }
     return loss, metrics
 
