@@ -5,9 +5,11 @@
 - :class:`ThroughputMonitor`: whole-job throughput, rollout/update time split, peak memory.
 - :class:`AdapterExport`: the LoRA adapter in PEFT format (with the processor) beside every checkpoint.
 - :class:`EvaluationReport`: avg@k ± std over the k samples per benchmark, in the paper's table layout.
+- :class:`CPLDirectionMonitor`: one early warning when the perturbation pools push CPPO's CPL the wrong way.
 - :func:`plot_runs`: overlay the curves of several runs (``cppo plot``).
 """
 
+from callbacks.cpl_direction import CPLDirectionMonitor
 from callbacks.evaluation import EvaluationReport
 from callbacks.export import AdapterExport
 from callbacks.perception import PerceptionTokenVisualizer
@@ -17,6 +19,7 @@ from callbacks.throughput import ThroughputMonitor
 
 __all__ = [
     "AdapterExport",
+    "CPLDirectionMonitor",
     "EvaluationReport",
     "PerceptionTokenVisualizer",
     "RolloutSamplesLogger",
