@@ -79,10 +79,12 @@ def load_candidates(path: str | Path) -> dict[str, list[A.BasicTransform]]:
                 raise ValueError(f"{where} needs a class_path (and optional init_args), got {entry!r}")
             try:
                 transform = instantiate_class((), {"init_args": {}, **entry})
+                if not isinstance(transform, A.BasicTransform):
+                    raise TypeError("not an albumentations transform")
+                # As in a configured pool: misspelt arguments and size changes are errors.
+                PerturbationPool([transform], view=role)
             except Exception as error:  # the constructor's own message says what is wrong
                 raise ValueError(f"{where} ({entry['class_path']}): {error}") from error
-            if not isinstance(transform, A.BasicTransform):
-                raise ValueError(f"{where}: {entry['class_path']} is not an albumentations transform")
             candidates.setdefault(role, []).append(transform)
     return candidates
 

@@ -470,6 +470,8 @@ def test_contrastive_perception_loss_hand_computed():
     torch.testing.assert_close(metrics["cpl"], t(0.993542))
     torch.testing.assert_close(metrics["divergence_preserving"], t(0.148721 / 2))
     torch.testing.assert_close(metrics["divergence_removing"], t(0.106531 / 2))
+    # Token 0 has D+ < D- (the views agree with the loss), token 1 D+ > D-: direction 1 / 2.
+    torch.testing.assert_close(metrics["cpl_direction"], t(0.5))
     loss.backward()
     # Gradient reaches all three views, but never an unselected token.
     for x in (lp, lp_plus, lp_minus):
