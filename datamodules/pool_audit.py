@@ -49,12 +49,17 @@ def transform_config(transform: A.BasicTransform) -> dict[str, Any]:
     arguments = transform.to_dict()["transform"]
     name = type(transform).__name__
     module = "albumentations" if getattr(A, name, None) is type(transform) else type(transform).__module__
-    init_args = {
-        key: list(value) if isinstance(value, tuple) else value
-        for key, value in arguments.items()
-        if key != "__class_fullname__"
-    }
+    init_args = {key: _plain(value) for key, value in arguments.items() if key != "__class_fullname__"}
     return {"class_path": f"{module}.{name}", "init_args": init_args}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, all the way down (YAML and JSON write lists)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def load_candidates(path: str | Path) -> dict[str, list[A.BasicTransform]]:

@@ -23,6 +23,7 @@ from cppo_lightning.audit import (
     view_token_sums,
 )
 from cppo_lightning.batch import ORIGINAL
+from datamodules.pool_audit import load_candidates, transform_config
 from helpers import ROOT
 
 RULE = VerdictRule()  # preserving <= 0.25 < partial < 0.5 <= removing, gap 0.1, floor KL 1e-3
@@ -273,3 +274,11 @@ def test_report_files_and_groups(constructed_audit):
     groups = [group for group in report["groups"] if group != ALL]
     assert groups and sum(report["figures"][group][ORIGINAL]["questions"] for group in groups) == 6
     assert math.isfinite(report["settings"]["seconds"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "audit").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_candidates_file_loads(path):
+    candidates = load_candidates(path)
+    assert candidates.get("preserving") and candidates.get("removing")
+    for transforms in candidates.values():  # and each writes back as YAML a data config can hold
+        yaml.safe_dump([transform_config(transform) for transform in transforms])
