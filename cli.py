@@ -505,6 +505,7 @@ def audit(
     group_by: str | None = "family",
     device: str | None = None,
     rule=None,
+    view_accuracy: bool = True,
 ):
     """Audit the perturbation pools of a training config before training (``cppo audit``).
 
@@ -525,6 +526,7 @@ def audit(
         group_by: metadata column grouping the questions (None: none).
         device: ``cpu``, ``cuda`` ... (default: CUDA when available).
         rule: a :class:`~cppo_lightning.audit.VerdictRule` (default thresholds when None).
+        view_accuracy: sample and grade under every view (False: under ``I`` only, divergences alone).
 
     Returns:
         ``(AuditResult, {"markdown", "json", "html"} -> path)``.
@@ -581,6 +583,7 @@ def audit(
         seed=module.seed,
         group_key=group_by,
         rule=rule or VerdictRule(),
+        view_accuracy=view_accuracy,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for batch in audit_batches(dataset, examples, batch_size or data.batch_size, pad_id):
@@ -626,6 +629,11 @@ def _audit(argv: list[str]) -> int:
         "--group-by", default="family", help="metadata column grouping the questions ('' for none)"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    parser.add_argument(
+        "--divergence-only",
+        action="store_true",
+        help="sample under I only (no accuracy under the views; verdicts from the divergences): for large models",
+    )
     from cppo_lightning.audit import VerdictRule
 
     defaults = VerdictRule()
@@ -650,6 +658,7 @@ def _audit(argv: list[str]) -> int:
         candidates=options.candidates,
         group_by=options.group_by or None,
         device=options.device,
+        view_accuracy=not options.divergence_only,
         rule=VerdictRule(
             options.preserving_max,
             options.removing_min,

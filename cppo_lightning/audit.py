@@ -572,6 +572,8 @@ class PoolAudit:
         group_key: metadata column that groups the questions (None: no groups).
         rule: the verdict thresholds.
         keep_examples: examples kept (images and completions) for the report.
+        view_accuracy: sample and grade under every view; False samples under ``I`` only (the cheap
+            mode for large models: the verdicts then rest on the divergences alone).
     """
 
     def __init__(
@@ -596,6 +598,7 @@ class PoolAudit:
         group_key: str | None = "family",
         rule: VerdictRule = VerdictRule(),
         keep_examples: int = 3,
+        view_accuracy: bool = True,
     ) -> None:
         if samples < 2:
             raise ValueError(f"samples must be >= 2 (advantages are normalised over them), got {samples}")
@@ -624,6 +627,7 @@ class PoolAudit:
         self.group_key = group_key
         self.rule = rule
         self.keep_examples = keep_examples
+        self.view_accuracy = view_accuracy
         self.examples: list[dict[str, Any]] = []
         self.batches = 0
         self.questions = 0
@@ -680,7 +684,8 @@ class PoolAudit:
         texts: dict[str, list[str]] = {}
         grades: dict[str, list[float]] = {}
         rollout = None
-        for view in [ORIGINAL, *(view.name for view in self.views if view.sampled)]:
+        sampled = [view.name for view in self.views if view.sampled] if self.view_accuracy else []
+        for view in [ORIGINAL, *sampled]:
             ids, mask, texts[view] = self._sample(batch, view, rows)
             grades[view] = [float(value) for value in self.grader(prompts, texts[view], **columns)]
             self._accuracy.add_rows(
@@ -855,7 +860,8 @@ class PoolAudit:
             "samples_per_question": self.samples,
             "temperature": self.rollout_config.temperature,
             "max_new_tokens": self.rollout_config.max_new_tokens,
-            "accuracy": f"sampled avg@{self.samples}",
+            "accuracy": f"sampled avg@{self.samples}"
+            + ("" if self.view_accuracy else " under I only (views: divergences alone)"),
             "top_ratio": self.top_ratio,
             "tau": self.tau,
             "advantage_gating": self.advantage_gating,
