@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,8 +53,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.generation import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
-from cppo_lightning.batch import ORIGINAL, PRESERVING, REMOVING, PromptBatch
+from cppo_lightning.batch import ORIGINAL, PRESERVING, REMOVING, TEXT_KEYS, PromptBatch, concat_vision_inputs
+from cppo_lightning.models.scoring import completion_mask
 from cppo_lightning.objectives import ViewRequest, group_advantages, k3_kl, perception_token_mask
 from cppo_lightning.rollout import (
     RewardModel,
@@ -61,11 +64,9 @@ from cppo_lightning.rollout import (
     RolloutConfig,
     decode,
     derived_seed,
-    generate,
     repeat_rows,
     reward_inputs,
     sampling_mode,
-    seeded,
 )
 from cppo_lightning.update import RolloutScorer
 
@@ -78,6 +79,7 @@ __all__ = [
     "AuditView",
     "PairFigures",
     "PoolAudit",
+    "SharedNoiseSampler",
     "Verdict",
     "VerdictRule",
     "ViewFigures",
@@ -511,6 +513,53 @@ def propose_pools(
     }
 
 
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+class SharedNoiseSampler(LogitsProcessor):
+    """Sampling by the Gumbel-max trick with one noise for every copy of a completion.
+
+    ``generate(do_sample=False, logits_processor=[this])`` then draws each next token from
+    ``softmax(scores / temperature)`` (after top-k and top-p, as ``generate`` samples), exactly, since the argmax
+    of ``log p + Gumbel noise`` is a sample of ``p``. The noise of row ``r`` is that of row ``r % base_rows``:
+    copies of the same ``base_rows`` rows stacked under several image views in one call see the same random
+    numbers, so a view that leaves the policy unchanged gives exactly the original's completions, and the
+    accuracies of two views differ by what the views do, not by sampling noise.
+
+    Args:
+        base_rows: rows of one view (``B * k``).
+        temperature: sampling temperature.
+        top_k: keep the ``top_k`` most likely tokens (0: off).
+        top_p: nucleus threshold (1.0: off).
+        seed: seed of the noise (the same for every call that must share it).
+    """
+
+    def __init__(self, base_rows: int, temperature: float, top_k: int, top_p: float, seed: int) -> None:
+        if not temperature > 0:
+            raise ValueError(f"the audit samples: temperature must be positive, got {temperature}")
+        self.base_rows = base_rows
+        self.temperature = temperature
+        self.filters = [TopKLogitsWarper(top_k)] if top_k else []
+        if top_p < 1.0:
+            self.filters.append(TopPLogitsWarper(top_p))
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.generator is None or self.generator.device != scores.device:
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed % 2**63)
+        scores = scores.float() / self.temperature
+        for warper in self.filters:
+            scores = warper(input_ids, scores)
+        if scores.shape[0] % self.base_rows:
+            raise ValueError(f"{scores.shape[0]} rows are not copies of {self.base_rows} base rows")
+        uniform = torch.rand(
+            self.base_rows, scores.shape[1], generator=self.generator, device=scores.device
+        ).clamp_(min=torch.finfo(torch.float32).tiny)
+        gumbel = -torch.log(-torch.log(uniform))
+        return scores + gumbel.repeat(scores.shape[0] // self.base_rows, 1)
+
+
 # ---------------------------------------------------------------------------------------------- the audit
 
 
@@ -574,6 +623,8 @@ class PoolAudit:
         keep_examples: examples kept (images and completions) for the report.
         view_accuracy: sample and grade under every view; False samples under ``I`` only (the cheap
             mode for large models: the verdicts then rest on the divergences alone).
+        max_generate_rows: rows of one ``generate`` call (the views of a batch are stacked into as few
+            calls as this allows; None: all views in one call).
     """
 
     def __init__(
@@ -599,6 +650,7 @@ class PoolAudit:
         rule: VerdictRule = VerdictRule(),
         keep_examples: int = 3,
         view_accuracy: bool = True,
+        max_generate_rows: int | None = None,
     ) -> None:
         if samples < 2:
             raise ValueError(f"samples must be >= 2 (advantages are normalised over them), got {samples}")
@@ -628,10 +680,12 @@ class PoolAudit:
         self.rule = rule
         self.keep_examples = keep_examples
         self.view_accuracy = view_accuracy
+        self.max_generate_rows = max_generate_rows
         self.examples: list[dict[str, Any]] = []
         self.batches = 0
         self.questions = 0
         self.forwards = 0
+        self.seconds = {"sampling": 0.0, "scoring": 0.0}
         self._accuracy = _Sums()
         self._views = _Sums()
         self._pairs = _Sums()
@@ -649,18 +703,45 @@ class PoolAudit:
                 self._group_names.append(group)
         return groups
 
-    def _sample(self, batch: PromptBatch, view: str, rows: Tensor) -> tuple[Tensor, Tensor, list[str]]:
-        # The same random numbers for every view: a view equal to the original gives its completions.
-        with seeded(derived_seed(self.seed, "audit", self.batches), rows.device):
+    def _sample(self, batch: PromptBatch, views: list[str], rows: Tensor) -> dict[str, tuple]:
+        """Completions of ``rows`` under each view, the views stacked into as few ``generate`` calls as
+        ``max_generate_rows`` allows, every view with the same random numbers (:class:`SharedNoiseSampler`)."""
+        per_call = max(1, (self.max_generate_rows or len(rows) * len(views)) // len(rows))
+        config = self.rollout_config
+        out = {}
+        for start in range(0, len(views), per_call):
+            chunk = views[start : start + per_call]
+            pieces = [batch.model_inputs(view, rows) for view in chunk]
+            inputs = {
+                key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0] if key in TEXT_KEYS
+            }
+            inputs.update(
+                concat_vision_inputs([{k: v for k, v in p.items() if k not in TEXT_KEYS} for p in pieces])
+            )
+            sampler = SharedNoiseSampler(
+                len(rows),
+                config.temperature,
+                config.top_k,
+                config.top_p,
+                derived_seed(self.seed, "audit", self.batches),
+            )
             with sampling_mode(self.model):
-                ids, mask = generate(
-                    self.model,
-                    batch.model_inputs(view, rows),
-                    self.rollout_config,
-                    self.eos_token_ids,
-                    self.pad_token_id,
+                sequences = self.model.generate(
+                    **inputs,
+                    do_sample=False,
+                    logits_processor=LogitsProcessorList([sampler]),
+                    max_new_tokens=config.max_new_tokens,
+                    eos_token_id=self.eos_token_ids,
+                    pad_token_id=self.pad_token_id,
+                    use_cache=True,
                 )
-        return ids, mask, decode(self.tokenizer, ids, mask)
+            completion = sequences[:, inputs["input_ids"].shape[1] :]
+            mask = completion_mask(completion, self.eos_token_ids)
+            for number, view in enumerate(chunk):
+                block = slice(number * len(rows), (number + 1) * len(rows))
+                ids, view_mask = completion[block], mask[block]
+                out[view] = (ids, view_mask, decode(self.tokenizer, ids, view_mask))
+        return out
 
     @torch.no_grad()
     def add(self, batch: PromptBatch) -> None:
@@ -685,8 +766,9 @@ class PoolAudit:
         grades: dict[str, list[float]] = {}
         rollout = None
         sampled = [view.name for view in self.views if view.sampled] if self.view_accuracy else []
-        for view in [ORIGINAL, *sampled]:
-            ids, mask, texts[view] = self._sample(batch, view, rows)
+        started = time.perf_counter()
+        completions = self._sample(batch, [ORIGINAL, *sampled], rows)
+        for view, (ids, mask, texts[view]) in completions.items():
             grades[view] = [float(value) for value in self.grader(prompts, texts[view], **columns)]
             self._accuracy.add_rows(
                 row_groups,
@@ -710,7 +792,10 @@ class PoolAudit:
                     group_size=self.samples,
                     batch=batch,
                 )
+        scoring = time.perf_counter()
         self._score(batch, rollout, row_groups)
+        self.seconds["sampling"] += scoring - started
+        self.seconds["scoring"] += time.perf_counter() - scoring
         self._keep_examples(batch, groups, texts, grades)
         self.questions += len(batch)
         self.batches += 1
@@ -867,6 +952,8 @@ class PoolAudit:
             "advantage_gating": self.advantage_gating,
             "group_key": self.group_key,
             "forwards": self.forwards,
+            "seconds_sampling": round(self.seconds["sampling"], 1),
+            "seconds_scoring": round(self.seconds["scoring"], 1),
             "neutral_cpl": NEUTRAL_CPL,
             **(settings or {}),
         }

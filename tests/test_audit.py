@@ -14,6 +14,7 @@ from cppo_lightning.audit import (
     GREY,
     AuditView,
     PairFigures,
+    SharedNoiseSampler,
     Verdict,
     VerdictRule,
     ViewFigures,
@@ -162,6 +163,24 @@ def test_propose_pools_keeps_what_every_group_accepts():
     verdicts[ALL]["removing:candidate:0"] = verdict("partial")
     proposal = propose_pools(views, verdicts, pairs)
     assert not proposal["complete"] and proposal["direction"] is None
+
+
+def test_shared_noise_sampler_samples_the_distribution_and_shares_its_noise():
+    # Three copies of 20,000 rows whose next-token probabilities are 0.5, 0.3, 0.2 (temperature 1) and a
+    # suppressed token: each copy is an exact sample of p (frequencies within 5 standard errors, 0.018),
+    # and the copies pick the same tokens.
+    probabilities = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    scores = probabilities.log().repeat(3 * 20_000, 1)
+    sampler = SharedNoiseSampler(20_000, temperature=1.0, top_k=0, top_p=1.0, seed=7)
+    tokens = sampler(None, scores).argmax(-1).view(3, 20_000)
+    assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[0], tokens[2])
+    frequencies = torch.bincount(tokens[0], minlength=4).float() / 20_000
+    assert torch.allclose(frequencies, probabilities, atol=0.018) and frequencies[3] == 0
+    # Temperature 2 flattens p to p^(1/2) normalised; top-k 2 keeps the two most likely.
+    warm = SharedNoiseSampler(20_000, temperature=2.0, top_k=2, top_p=1.0, seed=7)
+    frequencies = torch.bincount(warm(None, scores[:20_000]).argmax(-1), minlength=4).float() / 20_000
+    flat = torch.tensor([0.5**0.5, 0.3**0.5, 0.0, 0.0])
+    assert torch.allclose(frequencies, flat / flat.sum(), atol=0.018)
 
 
 # --------------------------------------------------------------------------------- the command, constructed case
