@@ -506,6 +506,7 @@ def audit(
     device: str | None = None,
     rule=None,
     view_accuracy: bool = True,
+    max_generate_rows: int | None = None,
 ):
     """Audit the perturbation pools of a training config before training (``cppo audit``).
 
@@ -527,6 +528,7 @@ def audit(
         device: ``cpu``, ``cuda`` ... (default: CUDA when available).
         rule: a :class:`~cppo_lightning.audit.VerdictRule` (default thresholds when None).
         view_accuracy: sample and grade under every view (False: under ``I`` only, divergences alone).
+        max_generate_rows: rows per ``generate`` call (the views of a batch are stacked; None: all at once).
 
     Returns:
         ``(AuditResult, {"markdown", "json", "html"} -> path)``.
@@ -584,6 +586,7 @@ def audit(
         group_key=group_by,
         rule=rule or VerdictRule(),
         view_accuracy=view_accuracy,
+        max_generate_rows=max_generate_rows,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for batch in audit_batches(dataset, examples, batch_size or data.batch_size, pad_id):
@@ -634,6 +637,12 @@ def _audit(argv: list[str]) -> int:
         action="store_true",
         help="sample under I only (no accuracy under the views; verdicts from the divergences): for large models",
     )
+    parser.add_argument(
+        "--max-generate-rows",
+        type=int,
+        default=None,
+        help="rows per generate call (the views of a batch are stacked into one; lower it on a GPU)",
+    )
     from cppo_lightning.audit import VerdictRule
 
     defaults = VerdictRule()
@@ -659,6 +668,7 @@ def _audit(argv: list[str]) -> int:
         group_by=options.group_by or None,
         device=options.device,
         view_accuracy=not options.divergence_only,
+        max_generate_rows=options.max_generate_rows,
         rule=VerdictRule(
             options.preserving_max,
             options.removing_min,

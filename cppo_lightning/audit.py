@@ -7,8 +7,9 @@ for a policy and a set of views, before any training:
 
 - **accuracy** under the original image ``I``, under each view and under a flat-grey image (the floor:
   nothing of the image left), as sampled avg@k: ``k`` completions per question at the rollout temperature,
-  graded by the evaluation grader; every view is sampled with the same random numbers, so a view that
-  does not change the image gives exactly the original's completions;
+  graded by the evaluation grader; the views of a batch are stacked into one ``generate`` call with the same
+  random numbers for every view (:class:`SharedNoiseSampler`), so a view that does not change the image
+  gives exactly the original's completions and two views' accuracies differ by what the views do;
 - **divergences** of the policy's next-token distributions under the view from those under ``I``, on the
   completions sampled under ``I``: the k3 estimate the CPL uses, ``k3(lp^I, lp^view)``, and the exact
   full-vocabulary ``KL(pi(.|I) || pi(.|view))``, and the **entropy shift** ``H(view) - H(I)``, all from one
