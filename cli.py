@@ -541,7 +541,7 @@ def audit(
     from cppo_lightning.objectives import CPPO
     from datamodules.pool_audit import audit_batches, audit_dataset, load_candidates
 
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     extra = candidates and load_candidates(candidates)
     cli = _cli(
         CPPOModule,
@@ -601,6 +601,8 @@ def audit(
             "candidates": str(candidates) if candidates else None,
             "device": str(target),
             "seconds": round(time.perf_counter() - started, 1),
+            # CPU time of this process (all its threads): on a shared machine, what the audit itself costs.
+            "cpu_seconds": round(time.process_time() - started_cpu, 1),
         }
     )
     return result, write_audit_report(result, output, maker.configs)
@@ -677,7 +679,12 @@ def _audit(argv: list[str]) -> int:
         ),
     )
     print(paths["markdown"].read_text())
-    print(f"audit of {result.settings['questions']} questions in {result.settings['seconds']:.0f} s")
+    settings = result.settings
+    print(
+        f"audit of {settings['questions']} questions in {settings['seconds']:.0f} s "
+        f"({settings['cpu_seconds']:.0f} s of CPU time; sampling {settings['seconds_sampling']:.0f} s, "
+        f"scoring {settings['seconds_scoring']:.0f} s)"
+    )
     print("report: " + ", ".join(str(path) for path in paths.values()))
     return 0
 

@@ -128,7 +128,8 @@ def audit_markdown(result: AuditResult, configs: dict[str, dict[str, Any]] | Non
         f"`{settings.get('grader', '?')}`); divergences and entropies on the {settings['samples_per_question']} "
         f"completions per question sampled under I; CPPO's rho {settings['top_ratio']:g}, tau "
         f"{settings['tau']:g}, advantage gating {'on' if settings['advantage_gating'] else 'off'}. "
-        f"{_number(settings.get('seconds'), 0)} s on {settings.get('device', '?')}."
+        f"{_number(settings.get('seconds'), 0)} s on {settings.get('device', '?')} "
+        f"({_number(settings.get('cpu_seconds'), 0)} s of CPU time)."
     )
     lines += ["", "## Verdicts over all questions", ""]
     lines += _table(_TRANSFORM_HEADER, _transform_rows(result, ALL))
