@@ -32,6 +32,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cppo_lightning.batch import ORIGINAL, PromptBatch, concat_vision_inputs
+from cppo_lightning.engines import RolloutEngine, build_engine, sampler_logprob_mismatch
 from cppo_lightning.metrics import AverageAccuracy, RewardStatistics
 from cppo_lightning.models.loading import LoRAConfig, Policy, PolicyConfig, load_policy
 from cppo_lightning.models.scoring import completion_logits
@@ -53,9 +54,7 @@ from cppo_lightning.rollout import (
     RolloutConfig,
     decode,
     derived_seed,
-    generate,
     repeat_rows,
-    sampling_mode,
     seeded,
 )
 
@@ -206,6 +205,7 @@ class CPPOModule(pl.LightningModule):
         # Under LoRA only the adapters are checkpointed; the frozen base is reloaded from its source.
         self.strict_loading = False
         self.policy: Policy | None = None
+        self.engine: RolloutEngine | None = None
         self.reward_statistics = RewardStatistics()
         self.eval_accuracy = torch.nn.ModuleDict()
         self.skipped_steps = 0
@@ -264,6 +264,8 @@ class CPPOModule(pl.LightningModule):
             self.policy = load_policy(
                 self.policy_config, reference=self.objective.needs_reference, device_map=device_map
             )
+        # What samples rollouts (model.rollout.engine); the module only calls generate() and sync().
+        self.engine = build_engine(self.rollout_config, self.policy, synced_gpus=self._synced_generation)
 
     @override
     def setup(self, stage: str) -> None:
@@ -291,13 +293,6 @@ class CPPOModule(pl.LightningModule):
         """The policy's tokenizer."""
         return self.policy.processor.tokenizer
 
-    def _eos_and_pad(self) -> tuple[list[int], int]:
-        config = self.policy.unwrapped().generation_config
-        eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        pad = config.pad_token_id if config.pad_token_id is not None else self.tokenizer.pad_token_id
-        return eos, pad
-
     def _synced_generation(self) -> bool:
         # Sharded strategies gather weights layer by layer: every rank must run the same number of
         # decoding steps, or the ranks that finished early deadlock the others.
@@ -308,19 +303,13 @@ class CPPOModule(pl.LightningModule):
 
     def _sample(
         self, batch: PromptBatch, samples: int, config: RolloutConfig
-    ) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    ) -> tuple[Tensor, Tensor, Tensor, list[str], Tensor | None]:
         example_rows = repeat_rows(batch, samples, self.device)
-        eos, pad = self._eos_and_pad()
-        with sampling_mode(self.policy.model):
-            completion, mask = generate(
-                self.policy.model,
-                batch.model_inputs(ORIGINAL, example_rows),
-                config,
-                eos,
-                pad,
-                synced_gpus=self._synced_generation(),
-            )
-        return example_rows, completion, mask, decode(self.tokenizer, completion, mask)
+        # Callers seed torch per step and rank (`seeded`); engines with their own sampler derive from it.
+        generation = self.engine.generate(self.policy, batch, example_rows, config, torch.initial_seed())
+        completion, mask = generation.completion_ids, generation.completion_mask
+        texts = decode(self.tokenizer, completion, mask)
+        return example_rows, completion, mask, texts, generation.sampler_logprobs
 
     def _stacked_inputs(
         self, batch: PromptBatch, rollout: Rollout, parts: list[tuple[str, Tensor]], length: int
@@ -353,7 +342,9 @@ class CPPOModule(pl.LightningModule):
     def rollout(self, batch: PromptBatch) -> Rollout:
         """Sample ``G`` completions per prompt and score them (no gradient)."""
         group = self.rollout_config.samples_per_prompt
-        example_rows, completion, mask, texts = self._sample(batch, group, self.rollout_config)
+        example_rows, completion, mask, texts, sampler_logprobs = self._sample(
+            batch, group, self.rollout_config
+        )
         rewards, terms = self.reward_model(batch, example_rows, texts)
         rewards = rewards.to(self.device)
         advantages = group_advantages(rewards, group, scale=self.objective.advantage_scale)
@@ -367,6 +358,7 @@ class CPPOModule(pl.LightningModule):
             advantages=advantages,
             group_size=group,
             batch=batch,
+            sampler_logprobs=sampler_logprobs,
         )
 
     @override
@@ -395,8 +387,14 @@ class CPPOModule(pl.LightningModule):
         micro = update.micro_batch_size
         optimizer_steps = update.ppo_epochs * (len(rollout) // mini_rows)
         # One optimizer step per rollout: the policy that sampled is the one being updated, so
-        # lp_old == lp.detach() and no separate old-policy forward is needed.
-        old_logprobs = self._score_no_grad(batch, rollout, ORIGINAL) if optimizer_steps > 1 else None
+        # lp_old == lp.detach() and no separate old-policy forward is needed. Another sampler (vLLM)
+        # is not the trained network: lp_old then comes from the policy, and the gap is logged.
+        needs_old = optimizer_steps > 1 or not self.engine.samples_from_policy
+        old_logprobs = self._score_no_grad(batch, rollout, ORIGINAL) if needs_old else None
+        if old_logprobs is not None and rollout.sampler_logprobs is not None:
+            rollout.sampler_logprob_mismatch = sampler_logprob_mismatch(
+                rollout.sampler_logprobs, old_logprobs, rollout.completion_mask
+            )
         # Views the objective wants from the pre-update policy without gradient (PAPO's masked view).
         frozen_views = {
             request.name: self._score_no_grad(batch, rollout, request.name)
@@ -474,6 +472,8 @@ class CPPOModule(pl.LightningModule):
                 gradient_clip_algorithm="norm",
             )
         optimizer.step()
+        # The next rollout must sample from the updated weights.
+        self.engine.sync(self.policy)
 
     def _micro_batch_loss(
         self,
@@ -603,6 +603,8 @@ class CPPOModule(pl.LightningModule):
         values["response_length_max"] = lengths.max()
         values.update(statistics.means())
         values["skipped_steps"] = float(self.skipped_steps)
+        if rollout.sampler_logprob_mismatch is not None:
+            values["sampler_logprob_mismatch"] = rollout.sampler_logprob_mismatch
         values["lr"] = self.optimizers().param_groups[0]["lr"]
         timing = {
             "time/rollout_s": rollout_time,
@@ -634,7 +636,7 @@ class CPPOModule(pl.LightningModule):
             max_new_tokens=evaluation.max_new_tokens or self.rollout_config.max_new_tokens,
         )
         with seeded(derived_seed(self.seed, self.global_rank, stage, dataloader_idx, batch_idx), self.device):
-            example_rows, completion, mask, texts = self._sample(batch, k, config)
+            example_rows, completion, mask, texts, _ = self._sample(batch, k, config)
         rows = example_rows.tolist()
         grades = self.eval_grader(
             [batch.questions[i] if batch.questions else "" for i in rows],
