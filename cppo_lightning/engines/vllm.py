@@ -197,9 +197,13 @@ class VLLMEngine:
 
     def _build(self, policy: Policy) -> None:
         options = self.options
+        # Read by vLLM when the engine is created: its engine core in this process or in a child.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if options.multiprocessing else "0"
+        # vLLM caches its environment once an engine has started; read it afresh for this one.
+        from vllm import envs
+
+        getattr(envs, "disable_envs_cache", lambda: None)()
         if not options.multiprocessing:
-            # Read by vLLM when the engine is created: keep its engine core in this process.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             # Without it, vLLM's CPU worker drops torch to one thread for the whole process, and the
             # training that shares this process would run single-threaded.
             os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
