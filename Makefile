@@ -7,6 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
+export VLLM_NO_USAGE_STATS := 1
 
 .PHONY: setup test demo study benchmarks constraints clean vllm-setup test-vllm
 
