@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,11 +133,15 @@ class VLLMEngine:
         if vision:
             lora = policy.config.lora
             flags = [f"model.policy.lora.{flag}" for flag in _VISION_FLAGS if getattr(lora, flag)]
+            fix = (
+                f"set {' and '.join(flags)} to false"
+                if flags
+                else "narrow model.policy.lora.target_modules to the language model"
+            )
             raise ValueError(
                 "model.rollout.engine: vllm cannot sample from a LoRA on the vision side: vLLM's LoRA covers the "
                 f"language model only, and {len(vision)} adapted modules are outside it (e.g. {vision[:3]}). "
-                f"Set {' and '.join(flags) or 'model.policy.lora.target_modules'} to stay on the language model, "
-                "or sample with model.rollout.engine: hf."
+                f"To use vLLM, {fix}; or sample with model.rollout.engine: hf."
             )
         self.vllm = import_vllm()
         self.uses_adapters = policy.uses_adapters
@@ -155,6 +160,8 @@ class VLLMEngine:
         self.llm = None
         self.serving: str | None = None
         self.workdir = Path(tempfile.mkdtemp(prefix="cppo-vllm-"))
+        # Adapters and (with multiprocessing) full weight copies land here: removed with the engine.
+        weakref.finalize(self, shutil.rmtree, self.workdir, ignore_errors=True)
         self.stale = True  # the sampler's weights are those of the policy at the last push
         self.base_stale = False  # after a level-2 sleep the base weights are gone
         self.version = 0

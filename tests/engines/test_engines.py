@@ -153,11 +153,20 @@ def test_vllm_engine_without_vllm_names_the_extra(tiny_qwen, tmp_path):
         lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 1, "--model.rollout.engine", "vllm"))
 
 
-@pytest.mark.parametrize("side", ["include_vision_tower", "include_projector"])
-def test_a_vision_lora_is_refused_at_start_up(tiny_qwen, side):
+@pytest.mark.parametrize(
+    "lora, named",
+    [
+        ({"include_vision_tower": True}, "model.policy.lora.include_vision_tower to false"),
+        ({"include_projector": True}, "model.policy.lora.include_projector to false"),
+        # A plain name list reaches the vision MLP too (model.visual.blocks.N.mlp.gate_proj).
+        ({"target_modules": r".*\.(q_proj|gate_proj)"}, "model.policy.lora.target_modules"),
+    ],
+    ids=["vision-tower", "projector", "target-regex"],
+)
+def test_a_vision_lora_is_refused_at_start_up(tiny_qwen, lora, named):
     from cppo_lightning.engines.vllm import VLLMEngine
 
-    policy = load_policy(PolicyConfig(str(tiny_qwen), lora=LoRAConfig(**{side: True})), reference=False)
+    policy = load_policy(PolicyConfig(str(tiny_qwen), lora=LoRAConfig(**lora)), reference=False)
     with pytest.raises(ValueError, match="language model only") as error:
         VLLMEngine(policy, VLLMConfig())
-    assert "model.policy.lora." + side in str(error.value) and "visual" in str(error.value)
+    assert named in str(error.value) and "visual" in str(error.value)
