@@ -12,7 +12,7 @@ from cppo_lightning.batch import ORIGINAL
 from cppo_lightning.engines import Generation, HFEngine, VLLMConfig, sampler_logprob_mismatch
 from cppo_lightning.models import LoRAConfig, PolicyConfig, load_policy
 from cppo_lightning.models.scoring import score_completions
-from cppo_lightning.module import CPPOModule, UpdateConfig
+from cppo_lightning.module import CPPOModule
 from cppo_lightning.objectives import GRPO
 from helpers import ROOT, HandWrittenDataModule, demo_args, small_module
 
@@ -83,21 +83,21 @@ def fit(module, tiny_qwen, steps, save_dir=None):
 
 
 def test_a_sampler_that_is_not_the_policy_is_synced_and_measured(tiny_qwen, tmp_path):
-    # 2 prompts x G=4 per step, mini-batches of 1 prompt: two optimizer steps per rollout.
-    module = small_module(tiny_qwen, objective=GRPO(beta=0.0), update=UpdateConfig(mini_batch_size=1))
+    # 2 prompts x G=4 per step, one optimizer step per rollout.
+    module = small_module(tiny_qwen, objective=GRPO(beta=0.0))
     module.configure_model()
     engine = module.engine = ShiftedSampler(shift=0.125)
-    trainer = fit(module, tiny_qwen, 4, tmp_path)
-    assert trainer.global_step == 4 and engine.syncs == 4  # one sync after every optimizer step
-    # Each training rollout (8 rows) came after the syncs of the previous rollout's two steps.
-    assert [syncs for rows, _, syncs in engine.calls if rows == 8] == [0, 2]
+    trainer = fit(module, tiny_qwen, 3, tmp_path)
+    assert trainer.global_step == 3 and engine.syncs == 3  # one sync after every optimizer step
+    # Each training rollout (8 rows) came after the sync of the previous rollout's step.
+    assert [syncs for rows, _, syncs in engine.calls if rows == 8] == [0, 1, 2]
     # The logged gap is exactly the shift only if lp_old was scored with the policy, not the sampler.
     (metrics,) = list(tmp_path.rglob("metrics.csv"))
     rows = list(csv.DictReader(metrics.open()))
     mismatches = [
         float(row["train/sampler_logprob_mismatch"]) for row in rows if row["train/sampler_logprob_mismatch"]
     ]
-    assert mismatches == [pytest.approx(0.125, abs=1e-5)] * 2
+    assert mismatches == [pytest.approx(0.125, abs=1e-5)] * 3
 
 
 def test_seeds_handed_to_the_engine_are_reproducible_and_differ_per_step(tiny_qwen):

@@ -37,6 +37,7 @@ def test_after_a_lora_step_vllm_samples_from_the_updated_adapter(vllm_model, pro
         assert torch.equal(before, HFEngine().generate(policy, prompts, rows, GREEDY, seed=0).completion_ids)
         supervised_step(policy, prompts, lr=0.05)
         engine.sync(policy)
+        engine.sync(policy)  # several optimizer steps per rollout batch: still one push, at the rollout
         after = engine.generate(policy, prompts, rows, GREEDY, seed=0).completion_ids
         expected = HFEngine().generate(policy, prompts, rows, GREEDY, seed=0).completion_ids
         assert not torch.equal(before, expected)  # the step changed what the policy says
