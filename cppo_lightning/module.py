@@ -31,6 +31,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cppo_lightning.batch import ORIGINAL, PromptBatch
+from cppo_lightning.engines import RolloutEngine, build_engine, sampler_logprob_mismatch
 from cppo_lightning.metrics import AverageAccuracy, RewardStatistics
 from cppo_lightning.models.loading import LoRAConfig, Policy, PolicyConfig, load_policy
 from cppo_lightning.objectives import CPPO, BatchCounts, Objective, group_advantages
@@ -41,10 +42,8 @@ from cppo_lightning.rollout import (
     RolloutConfig,
     decode,
     derived_seed,
-    generate,
     repeat_rows,
     reward_inputs,
-    sampling_mode,
     seeded,
 )
 from cppo_lightning.update import (
@@ -213,6 +212,7 @@ class CPPOModule(pl.LightningModule):
         # Under LoRA only the adapters are checkpointed; the frozen base is reloaded from its source.
         self.strict_loading = False
         self.policy: Policy | None = None
+        self.engine: RolloutEngine | None = None
         self.reward_statistics = RewardStatistics()
         self.eval_accuracy = torch.nn.ModuleDict()
         self.skipped_steps = 0
@@ -220,9 +220,6 @@ class CPPOModule(pl.LightningModule):
         self.last_eval_rollout: Rollout | None = None
         # Counts reference passes (a test checks that beta = 0 runs none).
         self.reference_forwards = 0
-        #: Whether the rollouts are sampled by the trained network itself (HF generate on the policy),
-        #: so that with one optimizer step per rollout lp_old == lp.detach() is exact.
-        self.sampler_is_policy = True
         self._validated_batch_size: int | None = None
         self._reduce = None
         self._validate_sizes()
@@ -265,6 +262,8 @@ class CPPOModule(pl.LightningModule):
             self.policy = load_policy(
                 self.policy_config, reference=self.objective.needs_reference, device_map=device_map
             )
+        # What samples rollouts (model.rollout.engine); the module only calls generate() and sync().
+        self.engine = build_engine(self.rollout_config, self.policy, synced_gpus=self._synced_generation)
 
     @override
     def setup(self, stage: str) -> None:
@@ -292,13 +291,6 @@ class CPPOModule(pl.LightningModule):
         """The policy's tokenizer."""
         return self.policy.processor.tokenizer
 
-    def _eos_and_pad(self) -> tuple[list[int], int]:
-        config = self.policy.unwrapped().generation_config
-        eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        pad = config.pad_token_id if config.pad_token_id is not None else self.tokenizer.pad_token_id
-        return eos, pad
-
     def _synced_generation(self) -> bool:
         # Sharded strategies gather weights layer by layer: every rank must run the same number of
         # decoding steps, or the ranks that finished early deadlock the others.
@@ -309,26 +301,22 @@ class CPPOModule(pl.LightningModule):
 
     def _sample(
         self, batch: PromptBatch, samples: int, config: RolloutConfig
-    ) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    ) -> tuple[Tensor, Tensor, Tensor, list[str], Tensor | None]:
         example_rows = repeat_rows(batch, samples, self.device)
-        eos, pad = self._eos_and_pad()
-        with sampling_mode(self.policy.model):
-            completion, mask = generate(
-                self.policy.model,
-                batch.model_inputs(ORIGINAL, example_rows),
-                config,
-                eos,
-                pad,
-                synced_gpus=self._synced_generation(),
-            )
-        return example_rows, completion, mask, decode(self.tokenizer, completion, mask)
+        # Callers seed torch per step and rank (`seeded`); engines with their own sampler derive from it.
+        generation = self.engine.generate(self.policy, batch, example_rows, config, torch.initial_seed())
+        completion, mask = generation.completion_ids, generation.completion_mask
+        texts = decode(self.tokenizer, completion, mask)
+        return example_rows, completion, mask, texts, generation.sampler_logprobs
 
     # ------------------------------------------------------------------ training
 
     def rollout(self, batch: PromptBatch) -> Rollout:
         """Sample ``G`` completions per prompt and score them (no gradient)."""
         group = self.rollout_config.samples_per_prompt
-        example_rows, completion, mask, texts = self._sample(batch, group, self.rollout_config)
+        example_rows, completion, mask, texts, sampler_logprobs = self._sample(
+            batch, group, self.rollout_config
+        )
         rewards, terms = self.reward_model(batch, example_rows, texts)
         rewards = rewards.to(self.device)
         advantages = group_advantages(rewards, group, scale=self.objective.advantage_scale)
@@ -342,6 +330,7 @@ class CPPOModule(pl.LightningModule):
             advantages=advantages,
             group_size=group,
             batch=batch,
+            sampler_logprobs=sampler_logprobs,
         )
 
     @override
@@ -385,10 +374,17 @@ class CPPOModule(pl.LightningModule):
         )
         # With one optimizer step per rollout, sampled by the network being trained, the policy that
         # sampled is the one being updated: lp_old == lp.detach() and no old-policy pass is needed.
-        needs_old = optimizer_steps > 1 or not self.sampler_is_policy
+        # Another sampler (vLLM) is not the trained network: lp_old then comes from the policy, and
+        # the gap between the two is logged.
+        needs_old = optimizer_steps > 1 or not self.engine.samples_from_policy
         frozen = [request.name for request in objective.view_requests() if not request.with_grad]
         with torch.no_grad():
             scorer.precompute(old=needs_old, reference=None, frozen_views=frozen)
+            old = scorer.precomputed.old_logprobs
+            if old is not None and rollout.sampler_logprobs is not None:
+                rollout.sampler_logprob_mismatch = sampler_logprob_mismatch(
+                    rollout.sampler_logprobs, old, rollout.completion_mask
+                )
             if objective.needs_reference:
                 with self.policy.reference() as reference:
                     scorer.precomputed.ref_logprobs = scorer.score_all(reference)
@@ -580,6 +576,8 @@ class CPPOModule(pl.LightningModule):
         optimizer.step()
         step.grad_norm = norm.detach()
         statistics.merge(step)
+        # The next rollout must sample from the updated weights.
+        self.engine.sync(self.policy)
 
     # ------------------------------------------------------------------ logging
 
@@ -601,6 +599,8 @@ class CPPOModule(pl.LightningModule):
         values.update(statistics.means())
         values["forwards"] = float(statistics.forwards)
         values["skipped_steps"] = float(self.skipped_steps)
+        if rollout.sampler_logprob_mismatch is not None:
+            values["sampler_logprob_mismatch"] = rollout.sampler_logprob_mismatch
         values["lr"] = self.optimizers().param_groups[0]["lr"]
         timing = {
             "time/rollout_s": rollout_time,
@@ -632,7 +632,7 @@ class CPPOModule(pl.LightningModule):
             max_new_tokens=evaluation.max_new_tokens or self.rollout_config.max_new_tokens,
         )
         with seeded(derived_seed(self.seed, self.global_rank, stage, dataloader_idx, batch_idx), self.device):
-            example_rows, completion, mask, texts = self._sample(batch, k, config)
+            example_rows, completion, mask, texts, _ = self._sample(batch, k, config)
         # The dataset's columns too (benchmarks: choices, multiple_choice), as a reward function gets them.
         prompts, columns = reward_inputs(batch, example_rows)
         grades = self.eval_grader(prompts, texts, **columns)

@@ -11,12 +11,14 @@ import contextlib
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from cppo_lightning.batch import PromptBatch
+from cppo_lightning.engines.config import VLLMConfig
 from cppo_lightning.models.scoring import completion_mask
 from cppo_lightning.rewards import resolve_reward_function, short_name
 
@@ -31,6 +33,9 @@ class RolloutConfig:
         top_p: nucleus sampling threshold (1.0: off).
         top_k: top-k sampling (0: off).
         max_new_tokens: completion length limit.
+        engine: what samples: ``"hf"`` (``generate`` on the trained policy) or ``"vllm"`` (vLLM colocated
+            in the training process, synced after every optimizer step; needs the ``[vllm]`` extra).
+        vllm: options of the vLLM engine (:class:`~cppo_lightning.engines.VLLMConfig`).
     """
 
     samples_per_prompt: int = 5
@@ -38,6 +43,15 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 1024
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def __post_init__(self) -> None:
+        # From a checkpoint's hyperparameters the nested options arrive as a plain dict.
+        if isinstance(self.vllm, Mapping):
+            self.vllm = VLLMConfig(**self.vllm)
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"model.rollout.engine must be 'hf' or 'vllm', got {self.engine!r}")
 
 
 @dataclass
@@ -56,6 +70,9 @@ class Rollout:
         diagnostics: per-token values the objective reported during the update (first PPO epoch),
             name -> [N, C] (NaN, or False for masks, where not computed). CPPO: ``entropy`` (under
             ``I``), ``entropy_removed`` (under ``I-``), ``perception_mask``.
+        sampler_logprobs: [N, C] log-probs the rollout engine reported for its samples (None for HF).
+        sampler_logprob_mismatch: mean ``|lp_sampler - lp_policy|`` over response tokens, set by the
+            update when the engine is not the policy.
     """
 
     example_rows: Tensor
@@ -68,6 +85,8 @@ class Rollout:
     group_size: int
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
     batch: PromptBatch | None = field(default=None, repr=False)
+    sampler_logprobs: Tensor | None = None
+    sampler_logprob_mismatch: Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
