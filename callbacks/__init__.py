@@ -4,18 +4,24 @@
 - :class:`RolloutSamplesLogger`: rollout samples as JSON lines.
 - :class:`ThroughputMonitor`: whole-job throughput, rollout/update time split, peak memory.
 - :class:`AdapterExport`: the LoRA adapter in PEFT format (with the processor) beside every checkpoint.
+- :class:`AtomicCheckpoint`: ``ModelCheckpoint`` whose files are complete or absent (temporary file, fsync, rename).
+- :class:`PreemptionCheckpoint`: on SIGTERM/SIGINT, save at the step boundary and exit with ``128 + signal``.
 - :func:`plot_runs`: overlay the curves of several runs (``cppo plot``).
 """
 
+from callbacks.checkpointing import AtomicCheckpoint
 from callbacks.export import AdapterExport
 from callbacks.perception import PerceptionTokenVisualizer
 from callbacks.plots import plot_groups, plot_runs
+from callbacks.preemption import PreemptionCheckpoint
 from callbacks.rollout_log import RolloutSamplesLogger
 from callbacks.throughput import ThroughputMonitor
 
 __all__ = [
     "AdapterExport",
+    "AtomicCheckpoint",
     "PerceptionTokenVisualizer",
+    "PreemptionCheckpoint",
     "RolloutSamplesLogger",
     "ThroughputMonitor",
     "plot_groups",
