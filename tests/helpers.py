@@ -169,3 +169,17 @@ def small_module(model_folder, objective=None, **kwargs):
     kwargs.setdefault("evaluation", EvaluationConfig(samples_per_question=2))
     kwargs.setdefault("reward_functions", {varied_reward: 1.0})
     return CPPOModule(policy=PolicyConfig(str(model_folder)), objective=objective, **kwargs)
+
+
+class SignalAtStep(pl.Callback):
+    """Sends ``signum`` to this process in the middle of RL step ``step`` (0-based), between the rollout
+    and the optimizer step: what a Ctrl+C or a scheduler's SIGTERM does at a random moment."""
+
+    def __init__(self, step: int = 1, signum: int = 2):
+        self.step, self.signum = step, signum
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        import os
+
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
