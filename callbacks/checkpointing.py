@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,13 @@ def commit(temporary: str | Path, target: str | Path) -> None:
     if temporary.is_file():
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
-    os.replace(temporary, target)
+        os.replace(temporary, target)
+    else:  # a sharded checkpoint (a folder, e.g. DeepSpeed): the old one goes only once the new one is in
+        retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            os.replace(target, retired)
+        os.replace(temporary, target)
+        shutil.rmtree(retired, ignore_errors=True)
     _fsync_folder(target.parent)
 
 
@@ -74,20 +81,19 @@ def save_atomically(trainer: pl.Trainer, filepath: str | Path, weights_only: boo
             commit(temporary, filepath)
     except BaseException:
         if trainer.is_global_zero and temporary.exists():
-            temporary.unlink()
+            shutil.rmtree(temporary) if temporary.is_dir() else temporary.unlink()
         raise
     return filepath
 
 
 def remove_temporary_files(folder: str | Path) -> list[Path]:
-    """Delete what interrupted writes left in ``folder`` (``.<name>.tmp-<pid>``); returns what was removed."""
+    """Delete what interrupted writes left in ``folder`` (``.<name>.tmp-<pid>``, ``.<name>.old-<pid>``)."""
     folder = Path(folder)
     removed = []
     if folder.is_dir():
-        for path in folder.glob(f".*{_TEMPORARY_MARK}*"):
-            if path.is_file():
-                path.unlink()
-                removed.append(path)
+        for path in [*folder.glob(f".*{_TEMPORARY_MARK}*"), *folder.glob(".*.old-*")]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path)
     return removed
 
 
@@ -151,6 +157,8 @@ def checkpoint_problem(path: str | Path) -> str | None:
     truncated file has none; the tensors themselves are not read.
     """
     path = Path(path)
+    if path.is_dir():
+        return None  # a sharded checkpoint folder: its format is the strategy's, not checked here
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
