@@ -71,7 +71,8 @@ def test_validate_after_the_base_folder_was_rewritten_is_refused(trained, other_
     warm, run = trained
     rewritten = shutil.copytree(warm, tmp_path / "warmstart")
     shutil.copy(other_base / "model.safetensors", rewritten / "model.safetensors")
-    args = ["validate", "--config", str(run / "config.yaml"), "--trainer.logger", "false"]
+    args = ["validate", "--config", str(run / "config.yaml")]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path / "eval")]
     args += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
     shutil.move(warm, tmp_path / "original")
     shutil.move(rewritten, warm)
