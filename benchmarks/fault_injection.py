@@ -131,6 +131,11 @@ def kill_after(args: list[str], seconds: float, log: Path) -> bool:
             return True
 
 
+def newest_run(save_dir: Path) -> Path:
+    runs = sorted((save_dir / "cppo").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return runs[-1] if runs else save_dir / "cppo" / "version_0"
+
+
 def trained_state(run: Path):
     import torch
 
@@ -189,25 +194,28 @@ def main(argv: list[str] | None = None) -> int:
         if not kill_after([*args, "--ckpt_path", "last"], moment, log):
             print(f"{trial:5d}  {moment:11.1f}  (finished before the kill: drawn again)")
             continue
-        run = save_dir / "cppo" / "version_0"
+        run = newest_run(save_dir)
         checkpoints = sorted((run / "checkpoints").glob("*.ckpt")) if run.exists() else []
         broken = [path.name for path in checkpoints if checkpoint_problem(path) is not None]
         logged = (
             len([r for r in metric_rows(run) if r.get("train/loss")]) if (run / "metrics.csv").exists() else 0
         )
+        logged_text = f"{logged}" if checkpoints else f"{logged} (none saved)"
         before = time.perf_counter()
         run_to_end([*args, "--ckpt_path", "last"], log)
         resumed_line = next(
             (line for line in log.read_text().splitlines() if line.startswith("cppo: resuming")),
             "cppo: (new run)",
         )
+        # Killed before its first checkpoint, the run starts again (in a new version folder).
+        run = newest_run(save_dir)
         equal, largest, same_metrics = compare(run, reference)
         results.append(equal and same_metrics and not broken)
         source = (
             resumed_line.split(" from ")[-1].split(" (")[0] if "resuming" in resumed_line else "fresh start"
         )
         print(
-            f"{trial:5d}  {moment:11.1f}  {logged:12d}  {len(checkpoints) - len(broken)} of {len(checkpoints):<15d}"
+            f"{trial:5d}  {moment:11.1f}  {logged_text:>12s}  {len(checkpoints) - len(broken)} of {len(checkpoints):<15d}"
             f"  {source:<17s}  {str(equal):7s}  {largest:9.2e}  {'same' if same_metrics else 'DIFFERENT'}"
             f"   (resume {time.perf_counter() - before:.0f} s)",
             flush=True,
