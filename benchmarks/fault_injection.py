@@ -4,8 +4,9 @@
 
 A short CPPO run of the demo config (tiny `demo` Qwen2.5-VL, LoRA, a few steps, a checkpoint every
 `--every` steps, validation in between) is first run without interruption. Then, for each trial, the same
-run is started in its own folder and killed with SIGKILL at a uniformly random moment of its expected
-duration (start-up, rollout, update, validation or a checkpoint write alike), then resumed with
+run is started in its own folder and killed with SIGKILL at a random moment: a random fraction into a
+random step (step 0 includes start-up), timed by the run's own progress and the reference's step times, so
+that it lands anywhere (start-up, rollout, update, validation or a checkpoint write alike); then resumed with
 `cppo fit ... --ckpt_path last` to the end. After each kill the script checks that no file under a
 checkpoint's name is incomplete; after each resume, that the final trainable parameters (the LoRA
 adapters in `last.ckpt`) equal the uninterrupted run's bit for bit and that `metrics.csv` holds the same
@@ -105,30 +106,36 @@ def cppo() -> str:
     return str(Path(sys.executable).with_name("cppo"))
 
 
-def run_to_end(args: list[str], log: Path) -> float:
-    started = time.perf_counter()
-    with open(log, "a") as handle:
-        result = subprocess.run(
-            [cppo(), *args], env=environment(), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT
-        )
-    if result.returncode != 0:
-        sys.exit(f"run failed (status {result.returncode}); see {log}")
-    return time.perf_counter() - started
+def train_rows(metrics_root: Path) -> int:
+    """Training steps logged so far by the newest run under ``metrics_root`` (rows are flushed every step)."""
+    files = sorted(metrics_root.glob("version_*/metrics.csv"))
+    if not files:
+        return 0
+    with open(files[-1]) as handle:
+        return sum(1 for row in csv.DictReader(handle) if row.get("train/loss"))
 
 
-def kill_after(args: list[str], seconds: float, log: Path) -> bool:
-    """Start a run and SIGKILL it after ``seconds``; False when it finished before."""
+def watch(args: list[str], run_root: Path, log: Path, kill_at=None) -> tuple[int, list[float]]:
+    """Run ``cppo`` and follow its progress; ``kill_at(times)`` returning True kills it with SIGKILL.
+
+    Returns:
+        ``(status, times)``: the exit status (-9 when killed) and, for each k, the seconds from the start
+        until k training steps were logged (``times[0] == 0``).
+    """
     with open(log, "a") as handle:
         process = subprocess.Popen(
             [cppo(), *args], env=environment(), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT
         )
-        try:
-            process.wait(timeout=seconds)
-            return False
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return True
+        started, times = time.monotonic(), [0.0]
+        while process.poll() is None:
+            now = time.monotonic() - started
+            times += [now] * max(0, train_rows(run_root) + 1 - len(times))
+            if kill_at is not None and kill_at(times, now):
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return -9, times
+            time.sleep(0.05)
+    return process.returncode, times
 
 
 def newest_run(save_dir: Path) -> Path:
@@ -175,13 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     rng = random.Random(options.seed)
     reference_dir = output / "reference"
-    duration = run_to_end(
-        fit_args(reference_dir, options.steps, options.every, options.model), output / "reference.log"
+    status, reference_times = watch(
+        fit_args(reference_dir, options.steps, options.every, options.model),
+        reference_dir / "cppo",
+        output / "reference.log",
     )
+    if status != 0:
+        sys.exit(f"the uninterrupted run failed (status {status}); see {output / 'reference.log'}")
     reference = reference_dir / "cppo" / "version_0"
-    print(f"uninterrupted run: {options.steps} steps in {duration:.0f} s ({reference})", flush=True)
+    durations = [b - a for a, b in zip(reference_times, reference_times[1:])]  # [0]: start-up + first step
     print(
-        "trial  kill at (s)  steps logged  complete checkpoints  resumed from       bitwise  max|diff|  metrics"
+        f"uninterrupted run: {options.steps} steps in {reference_times[-1]:.0f} s ({reference})", flush=True
+    )
+    print(
+        "trial  kill (step+)  steps logged  complete checkpoints  resumed from       bitwise  max|diff|  metrics"
     )
     results = []
     trial = 0
@@ -190,9 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         save_dir = output / f"trial{trial}"
         log = output / f"trial{trial}.log"
         args = fit_args(save_dir, options.steps, options.every, options.model)
-        moment = rng.uniform(0.05, 0.95) * duration
-        if not kill_after([*args, "--ckpt_path", "last"], moment, log):
-            print(f"{trial:5d}  {moment:11.1f}  (finished before the kill: drawn again)")
+        # A random fraction of a random step (step 0 includes start-up), timed like the reference's step.
+        step, fraction = rng.randrange(options.steps), rng.random()
+
+        def kill_at(times, now, step=step, fraction=fraction):
+            return len(times) > step and now >= times[step] + fraction * durations[step]
+
+        status, _ = watch([*args, "--ckpt_path", "last"], save_dir / "cppo", log, kill_at)
+        if status != -9:
+            print(f"{trial:5d}  {f'{step}+{fraction:.2f}':>12s}  (finished before the kill: drawn again)")
             continue
         run = newest_run(save_dir)
         checkpoints = sorted((run / "checkpoints").glob("*.ckpt")) if run.exists() else []
@@ -202,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         logged_text = f"{logged}" if checkpoints else f"{logged} (none saved)"
         before = time.perf_counter()
-        run_to_end([*args, "--ckpt_path", "last"], log)
+        status, _ = watch([*args, "--ckpt_path", "last"], save_dir / "cppo", log)
+        if status != 0:
+            sys.exit(f"the resumed run failed (status {status}); see {log}")
         resumed_line = next(
             (line for line in log.read_text().splitlines() if line.startswith("cppo: resuming")),
             "cppo: (new run)",
@@ -215,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             resumed_line.split(" from ")[-1].split(" (")[0] if "resuming" in resumed_line else "fresh start"
         )
         print(
-            f"{trial:5d}  {moment:11.1f}  {logged_text:>12s}  {len(checkpoints) - len(broken)} of {len(checkpoints):<15d}"
+            f"{trial:5d}  {f'{step}+{fraction:.2f}':>12s}  {logged_text:>12s}  {len(checkpoints) - len(broken)} of {len(checkpoints):<15d}"
             f"  {source:<17s}  {str(equal):7s}  {largest:9.2e}  {'same' if same_metrics else 'DIFFERENT'}"
             f"   (resume {time.perf_counter() - before:.0f} s)",
             flush=True,
