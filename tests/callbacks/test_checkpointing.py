@@ -13,11 +13,12 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from callbacks.checkpointing import checkpoint_problem, latest_checkpoint
 from cli import lightning_cli
-from helpers import VARIED_REWARD, demo_args
+from helpers import ROOT, VARIED_REWARD, demo_args
 
 CALLBACKS = [
     {"class_path": "callbacks.AtomicCheckpoint", "init_args": {"save_last": True, "every_n_train_steps": 1}},
@@ -149,3 +150,17 @@ def test_the_real_cppo_fit_sent_sigterm_saves_a_resumable_checkpoint_and_exits_1
     # The checkpoint is of the last step whose metrics were logged: nothing done is lost.
     assert state["global_step"] == len(trained) >= 1
     assert (metrics.parent / "checkpoints" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT / "configs"))
+)
+def test_every_shipped_config_saves_on_preemption_and_writes_atomically(config):
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    classes = [callback["class_path"] for callback in trainer.get("callbacks", [])]
+    assert "callbacks.PreemptionCheckpoint" in classes
+    assert "lightning.pytorch.callbacks.ModelCheckpoint" not in classes
+    if trainer.get("enable_checkpointing", True):
+        assert "callbacks.AtomicCheckpoint" in classes
+    # Metrics reach the disk every step: a killed run keeps the rows of every step it finished.
+    assert trainer["logger"]["init_args"]["flush_logs_every_n_steps"] == 1
