@@ -37,6 +37,7 @@ from cppo_lightning.models.loading import LoRAConfig, Policy, PolicyConfig, load
 from cppo_lightning.objectives import CPPO, BatchCounts, Objective, group_advantages
 from cppo_lightning.rewards import DEFAULT_REWARDS, resolve_reward_function
 from cppo_lightning.rollout import (
+    EvaluationSampling,
     RewardModel,
     Rollout,
     RolloutConfig,
@@ -70,7 +71,7 @@ class EvaluationConfig:
 
     Args:
         samples_per_question: ``k`` samples per question.
-        temperature: sampling temperature (1.0 in the papers' protocol).
+        temperature: sampling temperature (1.0 in the papers' protocol; 0: greedy decoding).
         top_p: nucleus sampling threshold.
         max_new_tokens: completion length limit (None: the rollout's).
         reward: import path of the 0/1 grading function.
@@ -81,6 +82,20 @@ class EvaluationConfig:
     top_p: float = 1.0
     max_new_tokens: int | None = None
     reward: str = "cppo_lightning.rewards.accuracy_reward"
+
+    def __post_init__(self) -> None:
+        from cppo_lightning.rollout import sampling_problems
+
+        problems = sampling_problems(
+            self.samples_per_question,
+            self.temperature,
+            self.top_p,
+            self.max_new_tokens,
+            "samples_per_question",
+            greedy=True,
+        )
+        if problems:
+            raise ValueError("evaluation: " + "; ".join(problems))
 
 
 @dataclass
@@ -170,6 +185,8 @@ class CPPOModule(pl.LightningModule):
         optimizer: a callable ``parameters -> Optimizer`` (``class_path: torch.optim.AdamW`` in YAML).
         scheduler: optional callable ``optimizer -> LRScheduler``, stepped once per optimizer step.
         seed: base seed of rollout sampling (combined with the rank and the step).
+        allow_base_mismatch: load a checkpoint trained on another base model (or fine-tuning mode) with a
+            warning instead of an error (see :mod:`cppo_lightning.checkpoint_base`).
     """
 
     def __init__(
@@ -183,8 +200,10 @@ class CPPOModule(pl.LightningModule):
         optimizer: Callable[[Iterable], torch.optim.Optimizer] = default_optimizer,
         scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
         seed: int = 0,
+        allow_base_mismatch: bool = False,
     ) -> None:
         super().__init__()
+        self.allow_base_mismatch = allow_base_mismatch
         # Configs arrive as dataclasses (Python, CLI) or as plain dicts (load_from_checkpoint).
         self.policy_config = _as_dataclass(PolicyConfig, policy)
         self.objective = _as_objective(objective)
@@ -625,11 +644,13 @@ class CPPOModule(pl.LightningModule):
     def _evaluation_step(self, stage: str, batch: PromptBatch, batch_idx: int, dataloader_idx: int) -> None:
         evaluation = self.evaluation
         k = evaluation.samples_per_question
-        config = RolloutConfig(
+        config = EvaluationSampling(
             samples_per_prompt=k,
             temperature=evaluation.temperature,
             top_p=evaluation.top_p,
             max_new_tokens=evaluation.max_new_tokens or self.rollout_config.max_new_tokens,
+            engine=self.rollout_config.engine,
+            vllm=self.rollout_config.vllm,
         )
         with seeded(derived_seed(self.seed, self.global_rank, stage, dataloader_idx, batch_idx), self.device):
             example_rows, completion, mask, texts, _ = self._sample(batch, k, config)
@@ -687,13 +708,28 @@ class CPPOModule(pl.LightningModule):
         checkpoint["state_dict"] = {
             key: value for key, value in checkpoint["state_dict"].items() if key in keep
         }
+        if self._base_record is None:  # the base does not change during a run: hashed once
+            self._base_record = self._current_base()
         checkpoint["cppo"] = {
             "skipped_steps": self.skipped_steps,
             "model_name_or_path": self.policy_config.model_name_or_path,
+            "base": self._base_record,
         }
+
+    _base_record: dict | None = None
+
+    def _current_base(self) -> dict:
+        from cppo_lightning.checkpoint_base import base_record
+
+        config = self.policy_config
+        return base_record(config.model_name_or_path, config.finetuning, config.revision)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from cppo_lightning.checkpoint_base import check_base
+
+        # Before the key check: adapters of another base have exactly the keys this policy expects.
+        check_base(checkpoint.get("cppo", {}).get("base"), self._current_base(), self.allow_base_mismatch)
         self.configure_model()
         missing = sorted(self._checkpointed_keys() - set(checkpoint["state_dict"]))
         if missing:

@@ -271,3 +271,17 @@ def policy_logprobs(policy, batch, rows, generation, view="original"):
 def mean_gap(a, b, mask):
     """Mean ``|a - b|`` over the True positions of ``mask``."""
     return float(((a - b).abs() * mask).sum() / mask.sum())
+
+
+class SignalAtStep(pl.Callback):
+    """Sends ``signum`` to this process in the middle of RL step ``step`` (0-based), between the rollout
+    and the optimizer step: what a Ctrl+C or a scheduler's SIGTERM does at a random moment."""
+
+    def __init__(self, step: int = 1, signum: int = 2):
+        self.step, self.signum = step, signum
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        import os
+
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
