@@ -827,8 +827,16 @@ def audit(
         max_generate_rows=max_generate_rows,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for batch in audit_batches(dataset, examples, batch_size or data.batch_size, pad_id):
+    per_batch = batch_size or data.batch_size
+    total = -(-min(examples, len(dataset)) // per_batch)
+    for index, batch in enumerate(audit_batches(dataset, examples, per_batch, pad_id), start=1):
         runner.add(batch)
+        # A line per batch: on a CPU the audit of the demo takes minutes.
+        print(
+            f"audit: batch {index}/{total} ({len(batch)} questions) at {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     result = runner.result(
         {
             "config": " ".join(configs),
