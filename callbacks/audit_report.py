@@ -178,7 +178,12 @@ def audit_markdown(result: AuditResult, configs: dict[str, dict[str, Any]] | Non
             lines.append(f"- {group}: {_direction_text(result.configured[group])}")
     preserving, removing = result.transforms(PRESERVING), result.transforms(REMOVING)
     if preserving and removing:
-        lines += ["", "Fraction of perception tokens with D+ < D- for each pair (all questions):", ""]
+        lines += [
+            "",
+            "CPL direction of each pair (share of perception tokens with D+ < D-, ties counted half; all "
+            "questions):",
+            "",
+        ]
         header = ["I+ \\ I-", *(f"`{r.name}` {r.label}" for r in removing)]
         rows = [
             [
@@ -232,8 +237,9 @@ def _direction_text(pair) -> str:
     if pair.direction is None:
         return "no perception tokens"
     return (
-        f"{pair.direction:.3f} of {pair.tokens} perception tokens have D+ < D- (mean D+ {pair.d_plus:.4g}, "
-        f"D- {pair.d_minus:.4g}; CPL {pair.cpl:.3f} vs neutral log 2 = {NEUTRAL_CPL:.3f})"
+        f"direction {pair.direction:.3f} over {pair.tokens} perception tokens (share with D+ < D-, ties counted "
+        f"half; {pair.ties:.3f} tie) (mean D+ {pair.d_plus:.4g}, D- {pair.d_minus:.4g}; CPL {pair.cpl:.3f} vs "
+        f"neutral log 2 = {NEUTRAL_CPL:.3f})"
     )
 
 
@@ -241,8 +247,10 @@ def _direction_sentence(subject: str, pair) -> str:
     text = _direction_text(pair)
     if pair.direction is None:
         return f"{subject}: {text}."
-    way = "the right way" if pair.direction >= 0.5 else "**the wrong way**"
-    return f"{subject}: {text}: the CPL pushes {way} on most perception tokens."
+    if pair.direction == 0.5:
+        return f"{subject}: {text}: no direction (as many tokens each way, or all tied)."
+    way = "the right way" if pair.direction > 0.5 else "**the wrong way**"
+    return f"{subject}: {text}: the CPL pushes {way} on most perception tokens where the views differ."
 
 
 # ---------------------------------------------------------------------------------------------- HTML

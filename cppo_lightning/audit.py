@@ -59,6 +59,7 @@ from transformers.generation import LogitsProcessor, LogitsProcessorList, TopKLo
 from cppo_lightning.batch import ORIGINAL, PRESERVING, REMOVING, TEXT_KEYS, PromptBatch, concat_vision_inputs
 from cppo_lightning.models.scoring import completion_mask
 from cppo_lightning.objectives import ViewRequest, group_advantages, k3_kl, perception_token_mask
+from cppo_lightning.objectives.functional import cpl_direction_indicator
 from cppo_lightning.rollout import (
     RewardModel,
     Rollout,
@@ -164,12 +165,16 @@ class PairFigures:
     """The CPL's direction for one ``(I+, I-)`` pair over CPPO's perception tokens.
 
     Attributes:
-        direction: fraction of the perception tokens with ``D+ < D-`` (1: the views agree with the loss
-            everywhere; below 0.5 the loss mostly pushes the wrong way); None without perception tokens.
+        direction: fraction of the perception tokens with ``D+ < D-``, ties (``D+ = D-``) counted half
+            (:func:`~cppo_lightning.objectives.functional.cpl_direction_indicator`, as the training metric
+            ``cpl_direction``): 1: the views agree with the loss everywhere; 0.5: no signal; below 0.5 the
+            loss mostly pushes the wrong way. None without perception tokens.
         d_plus: mean ``D+ = k3(lp^I, lp^{I+})``.
         d_minus: mean ``D- = k3(lp^I, lp^{I-})``.
         cpl: mean ``softplus((D+ - D-) / tau)`` (``log 2`` = neutral).
         tokens: perception tokens.
+        ties: fraction of the perception tokens with ``D+ = D-`` (in practice both 0: tokens certain under
+            every view, which carry no CPL gradient).
     """
 
     direction: float | None = None
@@ -177,6 +182,7 @@ class PairFigures:
     d_minus: float = 0.0
     cpl: float = 0.0
     tokens: int = 0
+    ties: float = 0.0
 
 
 @dataclass
@@ -370,7 +376,7 @@ def pair_token_sums(
 
     Returns:
         name -> [R] float64 sums over each row's perception tokens: ``tokens``, ``direction`` (tokens with
-        ``D+ < D-``), ``d_plus``, ``d_minus``, ``cpl``.
+        ``D+ < D-``, ties counted half), ``ties`` (tokens with ``D+ = D-``), ``d_plus``, ``d_minus``, ``cpl``.
     """
     mask = perception_token_mask(
         entropy, entropy_removing, response_mask, top_ratio=top_ratio, advantages=advantages
@@ -384,7 +390,8 @@ def pair_token_sums(
 
     return {
         "tokens": mask.double().sum(-1),
-        "direction": total((d_plus < d_minus).double()),
+        "direction": total(cpl_direction_indicator(d_plus, d_minus)),
+        "ties": total((d_plus == d_minus).double()),
         "d_plus": total(d_plus),
         "d_minus": total(d_minus),
         "cpl": total(cpl),
@@ -906,6 +913,7 @@ class PoolAudit:
         tokens = get("tokens")
         return PairFigures(
             direction=_ratio(get("direction"), tokens) if tokens else None,
+            ties=_ratio(get("ties"), tokens),
             d_plus=_ratio(get("d_plus"), tokens),
             d_minus=_ratio(get("d_minus"), tokens),
             cpl=_ratio(get("cpl"), tokens),

@@ -125,8 +125,15 @@ def test_pair_token_sums_hand_computed():
     assert sums["d_minus"][0].item() == pytest.approx(0.106531, abs=1e-5)
     # softplus(-1.06531) + softplus(1.48721) = 0.296113 + 1.690971 (the CPL's own hand-computed values)
     assert sums["cpl"][0].item() == pytest.approx(0.296113 + 1.690971, abs=1e-5)
+    assert sums["ties"].tolist() == [0.0, 0.0]
     ungated = pair_token_sums(lp, lp_plus, lp_minus, entropy, entropy_minus, mask, None, 0.5, 0.1)
     assert ungated["tokens"].tolist() == [2.0, 3.0]
+    # Row 1 ungated: D+ = 0 < D- = k3(-1) on all three tokens.
+    assert ungated["direction"].tolist() == [1.0, 3.0]
+    # Identity I+ and I-: every token ties (D+ = D- = 0) and counts half, direction 0.5 (no signal).
+    tied = pair_token_sums(lp, lp, lp, entropy, entropy_minus, mask, None, 0.5, 0.1)
+    assert tied["ties"].tolist() == tied["tokens"].tolist() == [2.0, 3.0]
+    assert tied["direction"].tolist() == [1.0, 1.5]
 
 
 def verdict(label):

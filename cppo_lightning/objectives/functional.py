@@ -39,6 +39,7 @@ __all__ = [
     "perception_token_mask",
     "contrastive_perception_loss",
     "contrastive_perception_loss_from_divergences",
+    "cpl_direction_indicator",
     "implicit_perception_loss",
     "double_entropy_loss",
 ]
@@ -762,11 +763,31 @@ def contrastive_perception_loss_from_divergences(
         "divergence_removing": token_mean(divergence_removing, mask, counts, count_key),
         # The CPL's direction: on the share of perception tokens with D+ < D- it already agrees with
         # the views; below 0.5 the views disagree with the loss (I+ moves the outputs more than I-).
+        # Ties count half: D+ = D- (in practice both 0, a token certain under every view) carries no
+        # gradient (k3's vanishes there) and says nothing about the direction; counted as "wrong", a
+        # confident policy would look misdirected whatever its pools.
         "cpl_direction": token_mean(
-            (divergence_preserving < divergence_removing).float(), mask, counts, count_key
+            cpl_direction_indicator(divergence_preserving, divergence_removing), mask, counts, count_key
         ),
     }
     return loss, metrics
+
+
+def cpl_direction_indicator(divergence_preserving: Tensor, divergence_removing: Tensor) -> Tensor:
+    """Per token, whether the views agree with the CPL: 1 where ``D+ < D-``, 0.5 on a tie, 0 where ``D+ > D-``.
+
+    Its mean over the perception tokens is the CPL's direction (``cpl_direction``; 0.5 = no signal).
+
+    Args:
+        divergence_preserving (Tensor): [...] ``D+``.
+        divergence_removing (Tensor): [...] ``D-`` (same shape).
+
+    Returns:
+        Tensor: [...] float values in {0, 0.5, 1}.
+    """
+    less = (divergence_preserving < divergence_removing).to(divergence_preserving.dtype)
+    tie = (divergence_preserving == divergence_removing).to(divergence_preserving.dtype)
+    return less + 0.5 * tie
 
 
 # --------------------------------------------------------------------------------------------
