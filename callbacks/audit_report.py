@@ -248,9 +248,15 @@ def _direction_sentence(subject: str, pair) -> str:
     if pair.direction is None:
         return f"{subject}: {text}."
     if pair.direction == 0.5:
-        return f"{subject}: {text}: no direction (as many tokens each way, or all tied)."
-    way = "the right way" if pair.direction > 0.5 else "**the wrong way**"
-    return f"{subject}: {text}: the CPL pushes {way} on most perception tokens where the views differ."
+        by_count = "no direction by count (as many tokens each way, or all tied)"
+    else:
+        way = "the right way" if pair.direction > 0.5 else "**the wrong way**"
+        by_count = f"by count, the CPL pushes {way} on most perception tokens"
+    if pair.d_plus > pair.d_minus:
+        by_size = "by size, **the wrong way**: the outputs move more under I+ than under I- on average"
+    else:
+        by_size = "by size, the right way: the outputs move less under I+ than under I- on average"
+    return f"{subject}: {text}. {by_count[0].upper()}{by_count[1:]}; {by_size}."
 
 
 # ---------------------------------------------------------------------------------------------- HTML

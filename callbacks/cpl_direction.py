@@ -2,12 +2,15 @@
 
 The CPL, ``softplus((D+ - D-) / tau)`` on the perception tokens, assumes that the outputs move less under
 the information-preserving view ``I+`` than under the information-removing view ``I-``. CPPO logs how far
-that holds in each step: ``train/cpl_direction`` (the fraction of perception tokens with ``D+ < D-``) and
+that holds in each step: ``train/cpl_direction`` (the fraction of perception tokens with ``D+ < D-``, ties
+counted half, so 0.5 means no signal) and
 the means ``train/divergence_preserving`` (``D+``) and ``train/divergence_removing`` (``D-``). When most
 perception tokens have ``D+ >= D-`` from the start, ``I+`` changes what the task needs (or ``I-`` leaves
 it): the loss then trains the policy to ignore exactly that, and the run is likely wasted. This callback
 averages the three metrics over the first ``window`` steps that have perception tokens and logs one
-warning, naming the numbers and ``cppo audit``, when the mean direction is below ``threshold``.
+warning, naming the numbers and ``cppo audit``, when the mean direction is below ``threshold`` or the mean
+``D+`` exceeds the mean ``D-`` (a confident policy ties on most tokens, so the direction alone can sit at
+0.5 while the divergences that carry the gradient are larger under ``I+``).
 
 It is a callback rather than part of the module because the core only logs: what to do about the
 numbers (warn, stop) is a choice of the run, and the demo configs make it (they list it).
@@ -40,7 +43,8 @@ class CPLDirectionMonitor(pl.Callback):
     Args:
         window: steps with perception tokens averaged before the one check.
         threshold: warn when the mean ``cpl_direction`` over the window is below this (0.5: most
-            perception tokens move more under ``I+`` than under ``I-``).
+            perception tokens move more under ``I+`` than under ``I-``); it also warns when the mean
+            ``D+`` over the window exceeds the mean ``D-``.
 
     Attributes:
         summary: after the check, ``{"steps", "direction", "d_plus", "d_minus", "warned"}``.
@@ -74,20 +78,32 @@ class CPLDirectionMonitor(pl.Callback):
         if self._steps < self.window:
             return
         means = {name: value / self._steps for name, value in self._sums.items()}
-        wrong = means["direction"] < self.threshold
+        # Two ways to be wrong: most perception tokens move more under I+ (the direction), or a few move a
+        # lot (the mean D+ above the mean D-): on a confident policy most tokens tie and the direction
+        # sits near 0.5, while the divergences that carry the gradient say I+ is the stronger change.
+        by_count = means["direction"] < self.threshold
+        by_size = means["d_plus"] > means["d_minus"]
+        wrong = by_count or by_size
         self.summary = {"steps": self._steps, **means, "warned": wrong}
         if wrong and trainer.is_global_zero:
+            why = []
+            if by_count:
+                why.append(
+                    f"most perception tokens move more under I+ than under I- (direction below {self.threshold:g})"
+                )
+            if by_size:
+                why.append("the outputs move more under I+ than under I- on average (mean D+ > mean D-)")
             log.warning(
-                "CPL direction %.3f over the first %d steps with perception tokens (up to step %d): on most "
-                "perception tokens the outputs move more under I+ than under I- (mean D+ %.4g, D- %.4g), so "
-                "the Contrastive Perception Loss pushes the wrong way: the I+ pool probably changes what the "
-                "task needs, or the I- pool leaves it. Check the pools with `cppo audit --config <this "
-                "config>` (see the README, 'Choosing the perturbation pools').",
+                "CPL direction %.3f, mean D+ %.4g, D- %.4g over the first %d steps with perception tokens (up to "
+                "step %d): %s, so the Contrastive Perception Loss pushes the wrong way: the I+ pool probably "
+                "changes what the task needs, or the I- pool leaves it. Check the pools with `cppo audit "
+                "--config <this config>` (see the README, 'Choosing the perturbation pools').",
                 means["direction"],
-                self._steps,
-                trainer.global_step,
                 means["d_plus"],
                 means["d_minus"],
+                self._steps,
+                trainer.global_step,
+                "; ".join(why),
             )
 
     @override

@@ -112,7 +112,10 @@ def test_the_report_files_and_what_they_say(tmp_path):
     assert result.verdicts["colour_of"]["preserving:0"].label == "misplaced"
     row = next(line for line in markdown.splitlines() if "`preserving:0` ColorJitter" in line)
     assert row.endswith("| colour_of |")
-    assert "direction 0.450 over 40 perception tokens" in markdown and "**the wrong way**" in markdown
+    assert "direction 0.450 over 40 perception tokens" in markdown
+    # 0.45 < 0.5 and D+ 0.011 > D- 0.007: wrong by count and by size.
+    assert "By count, the CPL pushes **the wrong way**" in markdown
+    assert "by size, **the wrong way**" in markdown
     assert "dropped `preserving:0` ColorJitter: misplaced for colour_of" in markdown
     report = json.loads(paths["json"].read_text())
     assert report["proposal"]["preserving"] == ["preserving:1"]

@@ -39,8 +39,22 @@ def test_warns_once_when_the_pools_push_the_wrong_way(caplog):
         for _ in range(5):  # once only
             step(monitor, trainer, 0.1, 0.02, 0.001)
     (record,) = caplog.records
-    assert "CPL direction 0.300 over the first 3 steps" in record.getMessage()
-    assert "up to step 4" in record.getMessage() and "cppo audit" in record.getMessage()
+    message = record.getMessage()
+    assert "CPL direction 0.300, mean D+ 0.011, D- 0.007 over the first 3 steps" in message
+    assert "up to step 4" in message and "cppo audit" in message
+    assert "most perception tokens" in message and "on average" in message  # both reasons hold
+
+
+def test_warns_when_ties_hide_a_larger_divergence_under_the_preserving_view(caplog):
+    # The demo's case: most perception tokens tie (direction near 0.5), but D+ is larger on average.
+    monitor, trainer = CPLDirectionMonitor(window=2), fake_trainer()
+    with caplog.at_level(logging.WARNING, logger="callbacks.cpl_direction"):
+        step(monitor, trainer, 0.52, 0.0009, 0.0001)
+        step(monitor, trainer, 0.50, 0.0011, 0.0001)
+    (record,) = caplog.records
+    assert monitor.summary["direction"] == pytest.approx(0.51) and monitor.summary["warned"] is True
+    assert "on average (mean D+ > mean D-)" in record.getMessage()
+    assert "most perception tokens" not in record.getMessage()
 
 
 def test_stays_quiet_when_the_pools_agree_with_the_loss(caplog):
