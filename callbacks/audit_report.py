@@ -227,7 +227,7 @@ def audit_markdown(result: AuditResult, configs: dict[str, dict[str, Any]] | Non
         f"{rule.removing_min:g}; an I- transform is removing at >= {rule.removing_min:g} and misplaced (leaves "
         f"it) at <= {rule.preserving_max:g}; partial in between; inconclusive when neither position is defined "
         "(the policy does not read the image). The proposal keeps the transforms whose verdict over all "
-        "questions is their pool's and that no group calls misplaced.",
+        "questions is their pool's and that no group calls misplaced (nor, for I+, partial).",
         "",
     ]
     return "\n".join(lines)

@@ -484,7 +484,9 @@ def propose_pools(
     """Pools from the audited transforms that passed: ``I+`` preserving and ``I-`` removing.
 
     A transform is kept when its verdict over all examples is its pool's good verdict and no group of
-    questions calls it misplaced. The expected CPL direction of the proposal is the mean over its
+    questions calls it misplaced; an ``I+`` transform also must not be partial for any group (one that
+    removes part of what a group's answers need makes the CPL teach the policy to ignore that part, while
+    an ``I-`` that removes only part merely weakens the contrast). The expected CPL direction of the proposal is the mean over its
     ``(I+, I-)`` pairs (each transform applied, i.e. ``p = 1``; every pair equally likely, as a uniform
     draw from each pool makes them).
 
@@ -503,10 +505,17 @@ def propose_pools(
             for group, by_view in verdicts.items()
             if group != ALL and by_view[view.name].label == "misplaced"
         ]
-        if overall.label == view.role and not misplaced_in:
+        partial_in = [
+            group
+            for group, by_view in verdicts.items()
+            if group != ALL and view.role == PRESERVING and by_view[view.name].label == "partial"
+        ]
+        if overall.label == view.role and not misplaced_in and not partial_in:
             kept[view.role].append(view.name)
-        elif misplaced_in:
-            dropped[view.name] = f"misplaced for {', '.join(misplaced_in)}"
+        elif misplaced_in or partial_in:
+            reasons = [f"misplaced for {', '.join(misplaced_in)}"] if misplaced_in else []
+            reasons += [f"partial for {', '.join(partial_in)}"] if partial_in else []
+            dropped[view.name] = "; ".join(reasons)
         else:
             dropped[view.name] = f"{overall.label} over all questions"
     values = [pairs[ALL][pair_key(p, r)].direction for p in kept[PRESERVING] for r in kept[REMOVING]]

@@ -166,6 +166,13 @@ def test_propose_pools_keeps_what_every_group_accepts():
         "removing:0": "misplaced for colour_of",
     }
     assert proposal["direction"] == pytest.approx(0.8) and proposal["complete"]
+    # The demo's finding: the jitter only partial for the colour questions. An I+ partial anywhere is
+    # dropped; an I- partial for a group (ToGray for counts) is kept.
+    verdicts["colour_of"]["preserving:0"] = verdict("partial")
+    verdicts["count"]["removing:candidate:0"] = verdict("partial")
+    proposal = propose_pools(views, verdicts, pairs)
+    assert proposal["dropped"]["preserving:0"] == "partial for colour_of"
+    assert proposal["preserving"] == ["preserving:1"] and proposal["removing"] == ["removing:candidate:0"]
     # Nothing removes: no proposal, no direction.
     verdicts[ALL]["removing:candidate:0"] = verdict("partial")
     proposal = propose_pools(views, verdicts, pairs)
