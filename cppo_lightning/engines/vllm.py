@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cppo_lightning.architectures import architecture_of
 from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.engines.base import Generation, device_of, eos_and_pad, suppressed_tokens
 from cppo_lightning.engines.config import VLLMConfig
@@ -74,9 +75,10 @@ def vision_lora_modules(policy: Policy) -> list[str]:
     """Names of the LoRA-adapted modules outside the language model (vision tower, projector)."""
     if not policy.uses_adapters:
         return []
+    arch = architecture_of(policy.unwrapped())
     names = []
     for name, module in policy.model.named_modules():
-        if hasattr(module, "lora_A") and ".language_model." not in f".{name}.":
+        if hasattr(module, "lora_A") and not arch.is_language_model(name):
             names.append(name)
     return names
 
