@@ -54,6 +54,6 @@ study: $(STAMP)
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/step_time.py
-	$(PY) benchmarks/objective_memory.py --rows 8 --tokens 512 --vocab 32000
+	$(PY) benchmarks/objective_memory.py --tokens 1024
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/perturbation_speed.py
