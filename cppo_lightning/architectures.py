@@ -262,7 +262,6 @@ _ENTRIES = [
         projector=r"connector",
         unquantized=("model.vision_model", "model.connector", "lm_head"),
         image_tokens="tiled",
-        token_keys=("mm_token_type_ids",),
         tile_keys=("pixel_values", "pixel_attention_mask"),
         tiny="idefics3",
         checkpoints=("HuggingFaceTB/SmolVLM-Instruct", "HuggingFaceTB/SmolVLM-256M-Instruct"),
@@ -348,4 +347,6 @@ def architecture_of(model_or_config: Any) -> Architecture:
 
 def vision_attributes() -> tuple[str, ...]:
     """Every vision-tower attribute name in the table (for models of a type not in it)."""
-    return tuple(dict.fromkeys(("visual", "vision_tower", "vision_model", *(a.vision_tower for a in _ENTRIES))))
+    return tuple(
+        dict.fromkeys(("visual", "vision_tower", "vision_model", *(a.vision_tower for a in _ENTRIES)))
+    )

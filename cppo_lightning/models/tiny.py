@@ -439,11 +439,9 @@ _GEMMA_SPECIALS = [ENDOFTEXT, IM_START, IM_END, GEMMA_BOI, GEMMA_IMAGE, GEMMA_EO
 
 def _gemma3(size: TinySize, image_size: int):
     """Gemma 3: SigLIP at a fixed square size, average-pooled to ``mm_tokens_per_image`` tokens."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, PreTrainedTokenizerFast
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
     from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
-
-    from transformers import PreTrainedTokenizerFast
 
     trained = train_tokenizer(_GEMMA_SPECIALS, size.vocab, GEMMA_BOI)
     # The processor reads these names off the tokenizer (Gemma's own tokenizer defines them); as named
