@@ -89,6 +89,8 @@ class Architecture:
         processor: the image-only processor class (``module:Class``) to load instead of
             ``AutoProcessor``, for families whose processor wants a video processor (torchvision).
         tiny: name of the tiny offline builder (``tiny:<tiny>-smoke``), None when there is none.
+        vllm: the colocated vLLM rollout engine is tested with this family (its prompt-token layout:
+            ``engines/vllm.py`` collapses each run of image tokens to the one placeholder vLLM expands).
         checkpoints: hub ids of released checkpoints (README and messages; never downloaded here).
         notes: what a user should know (README table).
     """
@@ -107,6 +109,7 @@ class Architecture:
     logit_softcap: bool = False
     processor: str | None = None
     tiny: str | None = None
+    vllm: bool = False
     checkpoints: tuple[str, ...] = ()
     notes: str = ""
     #: Set for the fallback entry of a model type missing from the table.
@@ -164,6 +167,7 @@ _ENTRIES = [
         token_keys=("mm_token_type_ids",),
         processor="cppo_lightning.models.processors:ImageOnlyQwen2_5_VLProcessor",
         tiny="qwen2_5_vl",
+        vllm=True,
         checkpoints=("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
         notes="the paper's model; patch 14 x merge 2: one token per 28 x 28 pixels",
         **_QWEN_VL_LORA,

@@ -122,7 +122,8 @@ class VLLMEngine:
 
     Raises:
         ImportError: vLLM is not installed.
-        ValueError: the LoRA adapter covers the vision tower or projector (vLLM's LoRA does not).
+        ValueError: the LoRA adapter covers the vision tower or projector (vLLM's LoRA does not), or the
+            architecture table does not mark the family as tested with vLLM (``Architecture.vllm``).
     """
 
     samples_from_policy = False
@@ -131,6 +132,13 @@ class VLLMEngine:
         self, policy: Policy, options: VLLMConfig | None = None, rollout: RolloutConfig | None = None
     ):
         self.options = options or VLLMConfig()
+        arch = architecture_of(policy.unwrapped())
+        if not arch.vllm:
+            raise ValueError(
+                f"model.rollout.engine: vllm is tested with Qwen2.5-VL only; {arch.name} ({arch.model_type}) "
+                "lays out its image tokens differently and its prompts have not been checked against vLLM's. "
+                "Sample with model.rollout.engine: hf."
+            )
         vision = vision_lora_modules(policy)
         if vision:
             lora = policy.config.lora

@@ -222,3 +222,12 @@ def test_gemma3_projector_lora_is_refused_with_a_clear_message(tiny_families):
     config = PolicyConfig(str(tiny_families("gemma3")), lora=LoRAConfig(include_projector=True))
     with pytest.raises(ValueError, match="Gemma 3's vision-language projector has no linear layer"):
         load_policy(config)
+
+
+def test_the_vllm_engine_refuses_a_family_it_was_not_checked_with_before_starting(tiny_families):
+    """vLLM's prompt layout is checked for Qwen2.5-VL only: another family is refused before vLLM loads."""
+    from cppo_lightning.engines.vllm import VLLMEngine
+
+    policy = load_policy(PolicyConfig(str(tiny_families("gemma3"))), reference=False)
+    with pytest.raises(ValueError, match=r"Gemma 3 \(gemma3\).*model.rollout.engine: hf"):
+        VLLMEngine(policy)
