@@ -231,3 +231,17 @@ def test_the_vllm_engine_refuses_a_family_it_was_not_checked_with_before_startin
     policy = load_policy(PolicyConfig(str(tiny_families("gemma3"))), reference=False)
     with pytest.raises(ValueError, match=r"Gemma 3 \(gemma3\).*model.rollout.engine: hf"):
         VLLMEngine(policy)
+
+
+def test_every_shipped_training_config_names_a_checkpoint_of_the_table():
+    """The configs and the table (and so the README's list) name the same released checkpoints."""
+    import yaml
+
+    from helpers import ROOT
+
+    known = {hub: entry for entry in ARCHITECTURES.values() for hub in entry.checkpoints}
+    configs = [p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ("demo", "eval")]
+    assert len(configs) >= 18
+    for path in configs:
+        policy = yaml.safe_load(path.read_text())["model"]["policy"]
+        assert policy["model_name_or_path"] in known, path
