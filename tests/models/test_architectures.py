@@ -78,7 +78,8 @@ def test_the_update_scores_equal_generate_s_own(tiny_family):
 
 
 def test_default_lora_adapts_the_language_model_s_projections_only(tiny_family):
-    policy = load_policy(PolicyConfig(model_name_or_path=str(tiny_family)))
+    """... and, with gradient checkpointing on (as every shipped config has it), every adapter learns."""
+    policy = load_policy(PolicyConfig(model_name_or_path=str(tiny_family), gradient_checkpointing=True))
     base = policy.unwrapped()
     arch = architecture_of(base)
     layers = sorted(
@@ -92,6 +93,14 @@ def test_default_lora_adapts_the_language_model_s_projections_only(tiny_family):
     assert trainable and all("lora_" in name for name in trainable)
     if base.config.model_type == "qwen3_5":  # the linear-attention layer's projections are adapted too
         assert any(name.endswith("linear_attn.in_proj_qkv") for name in layers)
+    policy.model.train()
+    logits = policy.model(**prompt_batch(tiny_family, QUESTIONS[:2]).model_inputs(ORIGINAL)).logits
+    logits[:, -3:].logsumexp(-1).sum().backward()
+    lora_b = {n: p for n, p in policy.model.named_parameters() if "lora_B" in n}
+    # B starts at zero, so only B has a gradient at step 0: nonzero for every adapted layer.
+    assert len(lora_b) == len(layers) and all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b.values()
+    )
 
 
 def test_qlora_quantizes_the_language_model_only_and_trains(tiny_family):
@@ -245,3 +254,23 @@ def test_every_shipped_training_config_names_a_checkpoint_of_the_table():
     for path in configs:
         policy = yaml.safe_load(path.read_text())["model"]["policy"]
         assert policy["model_name_or_path"] in known, path
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        # Qwen3.5's template (thinking on by default) opens the block in the generation prompt.
+        (
+            "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\n",
+            "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n",
+        ),
+        ("<|im_start|>assistant\n<think>", "<|im_start|>assistant\n"),
+        # A closed block (thinking off) and a prompt without one stay as they are.
+        ("<|im_start|>assistant\n<think>\n\n</think>\n\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        ("<|im_start|>assistant\n", "<|im_start|>assistant\n"),
+    ],
+)
+def test_a_generation_prompt_that_opens_think_leaves_it_to_the_completion(prompt, expected):
+    from cppo_lightning.models.processors import without_opened_think
+
+    assert without_opened_think(prompt) == expected
