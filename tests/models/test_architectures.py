@@ -20,6 +20,10 @@ from cppo_lightning.rollout import Rollout, RolloutConfig
 from cppo_lightning.update import RolloutScorer
 from helpers import prompt_batch, quiet_trainer, random_images, small_module
 
+# The families with a tiny builder beside the two the rest of the suite covers (conftest's `tiny_family`).
+NEW_FAMILIES = tuple(
+    e.tiny for e in ARCHITECTURES.values() if e.tiny and e.tiny not in ("qwen2_5_vl", "llava")
+)
 QUESTIONS = ["How many?", "Is the red circle to the left of the blue square?", "Colour?"]
 
 # Default LoRA targets of the smoke models (2 decoder layers), worked out from each family's layer
@@ -27,12 +31,13 @@ QUESTIONS = ["How many?", "Is the red circle to the left of the blue square?", "
 # (in_proj_qkv, in_proj_z, out_proj + the MLP's 3 = 6) and second full attention (7): 13.
 LORA_TARGETS = {"qwen3_vl": 14, "qwen3_5": 13, "gemma3": 14, "idefics3": 14}
 # Linear layers QLoRA makes 4-bit: every language-model linear (Qwen3.5 adds in_proj_a/in_proj_b: 15).
-QUANTIZED = {"qwen3_vl": 14, "qwen3_5": 15, "gemma3": 14, "idefics3": 14}
+QUANTIZED = {"qwen3_vl": 14, "qwen3_5": 15, "gemma3": 14, "idefics3": 14, "llava": 14}
 
 
 def test_every_table_entry_with_a_tiny_builder_builds_its_own_model_type(tiny_families):
     tiny = [entry for entry in ARCHITECTURES.values() if entry.tiny]
     assert {entry.tiny for entry in tiny} == set(_BUILDERS)
+    assert set(NEW_FAMILIES) == {"qwen3_vl", "qwen3_5", "gemma3", "idefics3"}  # conftest's tiny_family
     for entry in tiny:
         if entry.tiny in ("qwen2_5_vl", "llava"):
             continue  # the session fixtures tiny_qwen / tiny_llava cover them in tests/models/test_tiny.py
@@ -103,8 +108,11 @@ def test_default_lora_adapts_the_language_model_s_projections_only(tiny_family):
     )
 
 
-def test_qlora_quantizes_the_language_model_only_and_trains(tiny_family):
+@pytest.mark.parametrize("family", [*NEW_FAMILIES, "llava"])
+def test_qlora_quantizes_the_language_model_only_and_trains(family, tiny_families, request):
     import bitsandbytes as bnb
+
+    tiny_family = request.getfixturevalue("tiny_llava") if family == "llava" else tiny_families(family)
 
     torch.manual_seed(0)
     policy = load_policy(
