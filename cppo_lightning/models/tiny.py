@@ -255,7 +255,8 @@ def build_tiny_vlm(
 
     Args:
         folder: where to write; created if missing.
-        architecture: ``"qwen2_5_vl"`` or ``"llava"``.
+        architecture: a name of :data:`ARCHITECTURES` (``"qwen2_5_vl"``, ``"llava"``, ``"qwen3_vl"``, ``"qwen3_5"``,
+            ``"gemma3"``, ``"idefics3"``: the architecture table's ``tiny`` names).
         size: a preset of :data:`SIZES` (``"smoke"``, ``"small"``, ``"demo"``).
         seed: weight initialisation seed.
         image_size: largest image side the processor keeps (Qwen) or the fixed crop (LLaVA, at most 56).
