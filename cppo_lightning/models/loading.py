@@ -18,34 +18,21 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
+from cppo_lightning.architectures import (
+    Architecture,
+    architecture,
+    architecture_of,
+    generic_architecture,
+    vision_attributes,
+)
 from cppo_lightning.models.tiny import is_tiny_spec, resolve_tiny_spec
 
 log = logging.getLogger(__name__)
 
+# Every module path below comes from the architecture table (cppo_lightning/architectures.py).
 # The language model's attention and MLP projections. A bare name list would also hit the Qwen vision
-# MLP (`model.visual.blocks.N.mlp.gate_proj`), hence a regex anchored on `language_model`.
-LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-# Linear layers of the vision encoder (Qwen `model.visual.blocks`, CLIP/SigLIP `vision_tower`/`vision_model`).
-VISION_TOWER_TARGETS = (
-    r".*(visual\.blocks|vision_tower|vision_model)\..*"
-    r"\.(qkv|proj|q_proj|k_proj|v_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj)"
-)
-# Linear layers of the vision-language projector (Qwen `visual.merger`, LLaVA `multi_modal_projector`,
-# Idefics3 `connector`).
-PROJECTOR_TARGETS = r".*(visual\.merger|multi_modal_projector|connector)\..*"
-
-# Module paths kept in full precision under 4-bit quantization: the vision side and the output head.
-# (Any list replaces transformers' default that keeps `lm_head`, so it is listed again.)
-UNQUANTIZED_MODULES = [
-    "model.visual",
-    "model.vision_tower",
-    "model.vision_model",
-    "model.multi_modal_projector",
-    "model.connector",
-    "lm_head",
-]
-
-_VISION_ATTRIBUTES = ("visual", "vision_tower", "vision_model")
+# MLP (`model.visual.blocks.N.mlp.gate_proj`), hence a regex anchored on the language model's attribute.
+LANGUAGE_MODEL_TARGETS = architecture("qwen2_5_vl").lora_targets
 
 _DTYPES = {
     "float32": torch.float32,
@@ -67,7 +54,9 @@ class LoRAConfig:
         dropout: dropout on the adapter input. Keep 0 for RL: dropout makes ``pi_old`` and the
             re-scored ``pi`` differ even before any update.
         target_modules: regex (``re.fullmatch`` on module names) of the linear layers to adapt;
-            default: the language model's attention and MLP projections.
+            None (default): the language model's projections as the architecture table names them
+            (attention and MLP; Qwen3.5 adds its Gated DeltaNet projections; Idefics3's language model
+            is ``text_model``).
         include_vision_tower: also adapt the vision encoder's linear layers.
         include_projector: also adapt the vision-language projector.
     """
@@ -75,7 +64,7 @@ class LoRAConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: str = LANGUAGE_MODEL_TARGETS
+    target_modules: str | None = None
     include_vision_tower: bool = False
     include_projector: bool = False
 
@@ -88,19 +77,33 @@ class LoRAConfig:
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         try:
-            re.compile(self.target_modules)
+            if self.target_modules is not None:
+                re.compile(self.target_modules)
         except (re.error, TypeError) as error:
             problems.append(f"target_modules is not a valid regex: {self.target_modules!r} ({error})")
         if problems:
             raise ValueError("lora: " + "; ".join(problems))
 
-    def target_regex(self) -> str:
-        """The union of the configured targets as one regex."""
-        parts = [self.target_modules]
+    def target_regex(self, arch: Architecture | None = None) -> str:
+        """The union of the configured targets as one regex.
+
+        Args:
+            arch: the model's architecture (its table entry); None: the names most VLMs share.
+
+        Raises:
+            ValueError: ``include_projector`` for an architecture whose projector has no linear layer.
+        """
+        arch = arch or generic_architecture()
+        parts = [self.target_modules or arch.lora_targets]
         if self.include_vision_tower:
-            parts.append(VISION_TOWER_TARGETS)
+            parts.append(arch.vision_targets)
         if self.include_projector:
-            parts.append(PROJECTOR_TARGETS)
+            if arch.projector_targets is None:
+                raise ValueError(
+                    f"lora.include_projector: {arch.name}'s vision-language projector has no linear layer "
+                    "LoRA could adapt; set model.policy.lora.include_projector to false"
+                )
+            parts.append(arch.projector_targets)
         return "|".join(f"(?:{p})" for p in parts)
 
 
@@ -190,9 +193,13 @@ def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def vision_tower(model: nn.Module) -> nn.Module | None:
-    """The vision encoder of a VLM (``visual``, ``vision_tower`` or ``vision_model``), or None."""
-    for owner in (getattr(model, "model", None), model):
-        for name in _VISION_ATTRIBUTES:
+    """The vision encoder of a VLM (the table's attribute: ``visual``, ``vision_tower``, ``vision_model``), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    known = architecture_of(config).vision_tower if config is not None else None
+    names = tuple(dict.fromkeys(name for name in (known, *vision_attributes()) if name))
+    for owner in (getattr(base, "model", None), base):
+        for name in names:
             module = getattr(owner, name, None) if owner is not None else None
             if isinstance(module, nn.Module):
                 return module
@@ -214,8 +221,10 @@ def lora_target_names(model: nn.Module, lora: LoRAConfig) -> list[str]:
     Raises:
         ValueError: the pattern matches no linear layer (the message lists some that exist).
     """
+    arch = architecture_of(model)
+    regex = lora.target_regex(arch)
     try:
-        pattern = re.compile(lora.target_regex())
+        pattern = re.compile(regex)
     except re.error as error:
         raise ValueError(
             f"LoRA target_modules is not a valid regex: {lora.target_modules!r} ({error})"
@@ -225,9 +234,18 @@ def lora_target_names(model: nn.Module, lora: LoRAConfig) -> list[str]:
     if not targets:
         examples = ", ".join(linear[:3] + linear[-3:])
         raise ValueError(
-            f"LoRA target pattern {lora.target_regex()!r} matches no linear layer of "
+            f"LoRA target pattern {regex!r} matches no linear layer of "
             f"{type(model).__name__}; linear layers are named like: {examples}"
         )
+    # A part of the union that adapts nothing would otherwise go unnoticed (the others still match).
+    for flag, part in (
+        ("include_vision_tower", arch.vision_targets),
+        ("include_projector", arch.projector_targets),
+    ):
+        if getattr(lora, flag) and not any(re.fullmatch(part, name) for name in linear):
+            raise ValueError(
+                f"lora.{flag}: no linear layer of {type(model).__name__} matches {part!r} ({arch.name})"
+            )
     return targets
 
 
@@ -263,7 +281,9 @@ def load_model(config: PolicyConfig, device_map: str | dict | torch.device | Non
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=config.bnb_4bit_double_quant,
-            llm_int8_skip_modules=UNQUANTIZED_MODULES,
+            # The vision side and the head stay in full precision. Any list replaces transformers'
+            # default that keeps `lm_head`, so the table lists it again.
+            llm_int8_skip_modules=list(architecture_of(hf_config).unquantized),
         )
         if device_map is not None:
             kwargs["device_map"] = device_map

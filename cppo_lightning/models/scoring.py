@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from cppo_lightning.architectures import TEXT_KEYS, architecture_of
 from cppo_lightning.objectives.functional import log_softmax_at, softmax_entropy
 
 # Logits (fp32 elements) of one head chunk when no chunk size is given: 2**25 elements = 128 MiB.
@@ -52,7 +53,7 @@ def with_completion(prompt_inputs: Mapping[str, Tensor], completion_ids: Tensor,
     inputs["attention_mask"] = torch.cat(
         [prompt_inputs["attention_mask"], mask.to(prompt_inputs["attention_mask"].dtype)], dim=1
     )
-    for key in ("mm_token_type_ids", "token_type_ids"):
+    for key in TEXT_KEYS[2:]:  # the architecture table's token-axis keys besides input_ids/attention_mask
         if key in prompt_inputs:
             inputs[key] = torch.cat([prompt_inputs[key], torch.zeros_like(completion_ids)], dim=1)
     return inputs
@@ -91,13 +92,15 @@ class LanguageModelHead:
     """A VLM split into its backbone (everything up to the last hidden state) and its output head.
 
     Every ``*ForConditionalGeneration`` class of transformers 5 computes
-    ``lm_head(self.model(...)[0])`` (Gemma adds a final logit soft-cap, applied here too), so
-    calling the two parts gives the model's own logits.
+    ``lm_head(self.model(...)[0])`` (some add a final logit soft-cap, applied here too where the
+    architecture table says the VLM class applies it), so calling the two parts gives the model's own
+    logits.
 
     Attributes:
         backbone: the inner ``model`` (vision tower + language model + final norm).
         head: the output projection (``get_output_embeddings()``; a LoRA layer if LoRA targets it).
-        softcap: Gemma's ``final_logit_softcapping`` (None for the other architectures).
+        softcap: ``final_logit_softcapping`` where the VLM class applies it (None otherwise: Gemma 3's
+            ``Gemma3ForConditionalGeneration`` ignores the value in its config).
     """
 
     backbone: nn.Module
@@ -119,10 +122,12 @@ class LanguageModelHead:
                 f"{type(base).__name__} does not split into `.model` and an output head "
                 "(get_output_embeddings()): the chunked scoring path needs both"
             )
-        config = getattr(base.config, "text_config", None) or base.config
-        softcap = getattr(config, "final_logit_softcapping", None) or getattr(
-            base.config, "final_logit_softcapping", None
-        )
+        softcap = None
+        if architecture_of(base).logit_softcap:
+            config = getattr(base.config, "text_config", None) or base.config
+            softcap = getattr(config, "final_logit_softcapping", None) or getattr(
+                base.config, "final_logit_softcapping", None
+            )
         return cls(backbone, head, softcap)
 
     def logits(self, hidden: Tensor) -> Tensor:

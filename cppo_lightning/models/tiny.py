@@ -255,7 +255,8 @@ def build_tiny_vlm(
 
     Args:
         folder: where to write; created if missing.
-        architecture: ``"qwen2_5_vl"`` or ``"llava"``.
+        architecture: a name of :data:`ARCHITECTURES` (``"qwen2_5_vl"``, ``"llava"``, ``"qwen3_vl"``, ``"qwen3_5"``,
+            ``"gemma3"``, ``"idefics3"``: the architecture table's ``tiny`` names).
         size: a preset of :data:`SIZES` (``"smoke"``, ``"small"``, ``"demo"``).
         seed: weight initialisation seed.
         image_size: largest image side the processor keeps (Qwen) or the fixed crop (LLaVA, at most 56).
@@ -333,3 +334,247 @@ def resolve_tiny_spec(name: str) -> Path:
         except OSError:  # another process won the race; its folder is identical
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# ----------------------------------------------------------------------------- the newer families
+# One builder per entry of the architecture table (cppo_lightning/architectures.py) with `tiny` set.
+
+
+def _qwen3_family(size: TinySize, image_size: int, model_type: str):
+    """Qwen3-VL or Qwen3.5: Qwen2.5-VL's tokens and processor contract, patch 16 x merge 2."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from cppo_lightning.models.processors import ImageOnlyQwen3VLProcessor
+
+    tokenizer = train_tokenizer(_QWEN_SPECIALS, size.vocab, f"{VISION_START}{IMAGE_PAD}{VISION_END}")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN_SPECIALS}
+    head_dim = size.hidden // size.heads
+    half = head_dim // 2
+    # Interleaved multimodal RoPE over (time, height, width), in the released ratio (24, 20, 20).
+    mrope = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1e4,
+            "mrope_section": mrope,
+            "mrope_interleaved": True,
+        },
+        tie_word_embeddings=False,
+        bos_token_id=ids[ENDOFTEXT],
+        eos_token_id=ids[IM_END],
+        pad_token_id=ids[ENDOFTEXT],
+    )
+    vision = dict(
+        depth=size.vision_layers,
+        hidden_size=size.vision_hidden,
+        intermediate_size=size.vision_hidden * 2,
+        num_heads=size.vision_heads,
+        out_hidden_size=size.hidden,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        # Learned positions on an 8 x 8 grid, interpolated to the image's patch grid.
+        num_position_embeddings=64,
+    )
+    if model_type == "qwen3_vl":
+        # DeepStack: the first block's features also enter the first decoder layer.
+        vision["deepstack_visual_indexes"] = [0]
+    else:
+        # Qwen3.5: three Gated DeltaNet layers, then one full-attention layer (the released pattern).
+        text.update(
+            layer_types=["linear_attention"] * (size.layers - 1) + ["full_attention"],
+            linear_num_key_heads=size.heads // 2,
+            linear_num_value_heads=size.heads,
+            linear_key_head_dim=head_dim,
+            linear_value_head_dim=head_dim,
+            partial_rotary_factor=1.0,
+        )
+    config = AutoConfig.for_model(
+        model_type,
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=False,
+    )
+    model = AutoModelForImageTextToText.from_config(config)
+    # One token per 32 x 32 pixels: 64..image_size pixels a side -> 4..(image_size/32)^2 tokens.
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 64 * 64, "longest_edge": image_size * image_size},
+        patch_size=16,
+        merge_size=2,
+    )
+    processor = ImageOnlyQwen3VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
+    suppress = [ids[t] for t in (IM_START, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)]
+    return model, processor, ids, suppress
+
+
+def _qwen3_vl(size: TinySize, image_size: int):
+    return _qwen3_family(size, image_size, "qwen3_vl")
+
+
+def _qwen3_5(size: TinySize, image_size: int):
+    return _qwen3_family(size, image_size, "qwen3_5")
+
+
+_BUILDERS.update(qwen3_vl=_qwen3_vl, qwen3_5=_qwen3_5)
+ARCHITECTURES = tuple(_BUILDERS)
+
+
+GEMMA_BOI, GEMMA_IMAGE, GEMMA_EOI = "<start_of_image>", "<image_soft_token>", "<end_of_image>"
+_GEMMA_SPECIALS = [ENDOFTEXT, IM_START, IM_END, GEMMA_BOI, GEMMA_IMAGE, GEMMA_EOI]
+
+
+def _gemma3(size: TinySize, image_size: int):
+    """Gemma 3: SigLIP at a fixed square size, average-pooled to ``mm_tokens_per_image`` tokens."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
+
+    trained = train_tokenizer(_GEMMA_SPECIALS, size.vocab, GEMMA_BOI)
+    # The processor reads these names off the tokenizer (Gemma's own tokenizer defines them); as named
+    # special tokens they survive save_pretrained.
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=trained.backend_tokenizer,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        padding_side="left",
+        chat_template=trained.chat_template,
+        extra_special_tokens={"boi_token": GEMMA_BOI, "image_token": GEMMA_IMAGE, "eoi_token": GEMMA_EOI},
+    )
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _GEMMA_SPECIALS}
+    # A fixed 56 px square: 4 x 4 patches of 14 px pooled 2 x 2 -> 4 tokens per image (Gemma 3: 896 px,
+    # 64 x 64 patches pooled 4 x 4 -> 256).
+    side, tokens = 56, 4
+    head_dim = size.hidden // size.heads
+    config = Gemma3Config(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            max_position_embeddings=4096,
+            # Local (sliding) then global attention, as the released 5:1 pattern ends.
+            sliding_window=16,
+            layer_types=["sliding_attention"] * (size.layers - 1) + ["full_attention"],
+            bos_token_id=ids[ENDOFTEXT],
+            eos_token_id=ids[IM_END],
+            pad_token_id=ids[ENDOFTEXT],
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_hidden * 2,
+            num_hidden_layers=size.vision_layers,
+            num_attention_heads=size.vision_heads,
+            image_size=side,
+            patch_size=14,
+            vision_use_head=False,
+        ),
+        mm_tokens_per_image=tokens,
+        boi_token_index=ids[GEMMA_BOI],
+        eoi_token_index=ids[GEMMA_EOI],
+        image_token_index=ids[GEMMA_IMAGE],
+        bos_token_id=ids[ENDOFTEXT],
+        eos_token_id=ids[IM_END],
+        pad_token_id=ids[ENDOFTEXT],
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    image_processor = Gemma3ImageProcessorPil(size={"height": side, "width": side})
+    processor = Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        image_seq_length=tokens,
+    )
+    suppress = [ids[t] for t in (IM_START, GEMMA_BOI, GEMMA_IMAGE, GEMMA_EOI)]
+    return model, processor, ids, suppress
+
+
+_BUILDERS.update(gemma3=_gemma3)
+ARCHITECTURES = tuple(_BUILDERS)
+
+
+IDEFICS_FAKE, IDEFICS_IMAGE, IDEFICS_GLOBAL = "<fake_token_around_image>", "<image>", "<global-img>"
+_IDEFICS_SPECIALS = [
+    ENDOFTEXT,
+    IM_START,
+    IM_END,
+    IDEFICS_FAKE,
+    IDEFICS_IMAGE,
+    "<end_of_utterance>",
+    IDEFICS_GLOBAL,
+    *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
+]
+
+
+def _idefics3(size: TinySize, image_size: int):
+    """Idefics3 / SmolVLM: the longest side resized, split into square tiles plus a global view."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.idefics3.processing_idefics3 import Idefics3Processor
+
+    tokenizer = train_tokenizer(_IDEFICS_SPECIALS, size.vocab, IDEFICS_IMAGE)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _IDEFICS_SPECIALS}
+    # 32 px tiles of 4 x 4 patches, pixel-shuffled 2 x 2 -> 4 tokens per tile; the longest side is
+    # resized to 64 px: a square image is 2 x 2 tiles + the global view (SmolVLM: 384 px tiles, 1536 px).
+    tile, patch, scale = 32, 8, 2
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_hidden * 2,
+            num_hidden_layers=size.vision_layers,
+            num_attention_heads=size.vision_heads,
+            image_size=tile,
+            patch_size=patch,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            max_position_embeddings=4096,
+            bos_token_id=ids[ENDOFTEXT],
+            eos_token_id=ids[IM_END],
+            pad_token_id=ids[ENDOFTEXT],
+        ),
+        scale_factor=scale,
+        image_token_id=ids[IDEFICS_IMAGE],
+        pad_token_id=ids[ENDOFTEXT],
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile}
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        image_seq_len=(tile // patch) ** 2 // scale**2,
+    )
+    suppress = [ids[t] for t in _IDEFICS_SPECIALS if t not in (ENDOFTEXT, IM_END)]
+    return model, processor, ids, suppress
+
+
+_BUILDERS.update(idefics3=_idefics3)
+ARCHITECTURES = tuple(_BUILDERS)
