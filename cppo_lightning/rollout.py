@@ -31,6 +31,9 @@ class RolloutConfig:
         top_p: nucleus sampling threshold (1.0: off).
         top_k: top-k sampling (0: off).
         max_new_tokens: completion length limit.
+        min_new_tokens: sample at least this many tokens (end-of-sequence tokens are masked until then);
+            equal to ``max_new_tokens``, every completion has exactly that length (benchmarks use this
+            to measure a given length with a random model). 0: no minimum.
     """
 
     samples_per_prompt: int = 5
@@ -38,6 +41,14 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 1024
+    min_new_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"rollout: min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens}"
+            )
 
 
 @dataclass
@@ -141,6 +152,8 @@ def generate(
     """
     sampling = config.temperature > 0
     kwargs = dict(do_sample=sampling, max_new_tokens=config.max_new_tokens, use_cache=True)
+    if config.min_new_tokens:
+        kwargs["min_new_tokens"] = config.min_new_tokens
     if sampling:
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
     sequences = model.generate(

@@ -18,7 +18,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from cppo_lightning.models.tiny import is_tiny_spec, resolve_tiny_spec
+from cppo_lightning.models.tiny import is_random_spec, is_tiny_spec, resolve_random_spec, resolve_tiny_spec
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ class PolicyConfig:
     """Which checkpoint to fine-tune, and how.
 
     Args:
-        model_name_or_path: hub id, local folder, or ``tiny:<architecture>-<size>`` (built offline).
+        model_name_or_path: hub id, local folder, ``tiny:<architecture>-<size>`` (built offline), or
+            ``random:<architecture>[@text_layers=N,...]`` (a released architecture with random weights).
         finetuning: ``"lora"``, ``"qlora"`` (4-bit NF4 base + LoRA) or ``"full"``.
         lora: adapter settings for ``lora``/``qlora``.
         dtype: weight dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"``.
@@ -124,7 +125,7 @@ class PolicyConfig:
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """Turn a model name into what ``from_pretrained`` takes, checking local paths exist.
 
-    ``tiny:`` specs are built (once) into the cache folder. A name that looks like a local path (starts
+    ``tiny:`` and ``random:`` specs are built (once) into the cache folder. A name that looks like a local path (starts
     with ``.``, ``/``, ``~`` or exists) must be an existing folder; anything else is a hub id.
 
     Raises:
@@ -133,6 +134,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     name = os.fspath(name_or_path)
     if is_tiny_spec(name):
         return str(resolve_tiny_spec(name))
+    if is_random_spec(name):
+        return str(resolve_random_spec(name))
     path = Path(name).expanduser()
     # Hub ids are "name" or "owner/name"; anything else that is path-like must exist locally.
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
