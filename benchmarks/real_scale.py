@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -323,7 +324,15 @@ def run_child(options) -> dict:
             }
             metrics = trainer.callback_metrics
             grid = batch.model_inputs(ORIGINAL, list(range(len(batch)))).get("image_grid_thw")
-            visual = grid.prod(-1).div(4).tolist() if grid is not None else []  # patches merged 2 x 2
+            # The batch's tensors (pixel values of every view) live through the whole step.
+            batch_bytes = sum(
+                value.nbytes
+                for view in batch.views
+                for value in batch.model_inputs(view, list(range(len(batch)))).values()
+            )
+            visual = (
+                grid.prod(-1).div(4, rounding_mode="floor").tolist() if grid is not None else []
+            )  # 2 x 2 merge
             rows.append(
                 {
                     "step": batch_idx,
@@ -335,6 +344,7 @@ def run_child(options) -> dict:
                     "completion_tokens": sum(completions),
                     "completion_min": min(completions),
                     "visual_tokens": visual,
+                    "batch_bytes": batch_bytes,
                     "positive_advantages": sum(positive),
                     "forwards": float(metrics.get("train/forwards", float("nan"))),
                     "largest_forward_tokens": {k: max(p.tokens for p in v) for k, v in plans.items()},
@@ -480,10 +490,22 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return mean_y - b * mean_x, b
 
 
+def phase_tokens(row: dict, phase: str) -> float:
+    """The tokens a phase's transient memory grows with: every rollout's prompt and completion during
+    generation (KV cache, prefill activations), the largest planned forward in the update's phases."""
+    if phase == "rollout":
+        return float(row["prompt_tokens"] + row["completion_tokens"])
+    return float(row["largest_forward_tokens"][phase])
+
+
+def _sizes(result: dict) -> tuple:
+    return (result["prompts"], result["group"], result["new_tokens"], result["visual_tokens"])
+
+
 def extrapolate(results: list[dict], text_layers: int, vision_layers: int) -> dict:
     """Memory per phase at ``text_layers``/``vision_layers`` from runs at smaller depths, same sizes.
 
-    * resident memory (weights, quantization state, LoRA, gradients, optimizer state): the largest
+    * resident memory (weights, quantization state, LoRA, gradients, optimizer state): the deepest
       run's, plus each missing layer's own tensors (counted in that run): exact, layers are identical;
     * transient memory of a phase (activations, KV cache, logit chunks): ``a + b * T`` fitted on the
       runs' text depths ``T``. Its depth-dependent part grows with decoder layers (KV cache during
@@ -493,7 +515,8 @@ def extrapolate(results: list[dict], text_layers: int, vision_layers: int) -> di
       casts, the vision tower's activations, the sampling step's logits.
 
     Returns:
-        phase -> {"resident", "transient", "peak", "a", "b"} in bytes.
+        phase -> {"resident", "transient", "peak", "a", "b", "tokens"} (bytes; ``tokens`` see
+        :func:`phase_tokens`).
     """
     base = max(results, key=lambda r: (r["text_layers"], r["vision_layers"]))
     resident_extra = (text_layers - base["text_layers"]) * base["text_layer_resident"] + (
@@ -511,11 +534,89 @@ def extrapolate(results: list[dict], text_layers: int, vision_layers: int) -> di
             "peak": resident + transient,
             "a": a,
             "b": b,
+            "tokens": phase_tokens(measured(base)[0], phase),
         }
     return out
 
 
-def print_fit(paths: list[str], text_layers: int | None, vision_layers: int | None) -> dict:
+def config_sizes(config: dict, prompt_text_tokens: float) -> dict:
+    """What a config's own RL step processes: rows, lengths, and each phase's tokens (see
+    :func:`phase_tokens`), with the same reward pattern as the benchmark (half the rows A > 0)."""
+    import torch
+
+    from cppo_lightning.objectives import Objective, group_advantages
+    from cppo_lightning.update import plan_micro_batches
+
+    model, data = config["model"], config.get("data", {}).get("init_args", {})
+    prompts, group = data.get("batch_size", 16), model["rollout"].get("samples_per_prompt", 5)
+    new_tokens = model["rollout"].get("max_new_tokens", 1024)
+    visual = (data.get("max_pixels") or 401408) // PIXELS_PER_VISUAL_TOKEN
+    rows = prompts * group
+    prompt = int(round(visual + prompt_text_tokens))
+    objective = Objective.from_config(model["objective"])
+    rewards = torch.tensor(alternating_reward([""] * rows, [""] * rows, [""] * rows))
+    advantages = group_advantages(rewards, group, scale=objective.advantage_scale)
+    views = len([r for r in objective.view_requests() if r.with_grad])
+    stacked = [1 + (views if has else 0) for has in objective.view_rows(advantages).tolist()]
+    update = model.get("update", {})
+    budget, limit = update.get("max_tokens_per_forward"), update.get("micro_batch_rollouts", 8)
+    every = list(range(rows))
+    largest = {
+        "reference": max(p.tokens for p in plan_micro_batches(every, [prompt] * rows, [new_tokens] * rows,
+                                                                [1] * rows, limit, budget)),
+        "gradient": max(p.tokens for p in plan_micro_batches(every, [prompt] * rows, [new_tokens] * rows,
+                                                               stacked, limit, budget)),
+    }  # fmt: skip
+    return {
+        "prompts": prompts,
+        "group": group,
+        "new_tokens": new_tokens,
+        "visual_tokens": visual,
+        "prompt_tokens": prompt,
+        "tokens": {
+            "rollout": float(rows * (prompt + new_tokens)),
+            **{k: float(v) for k, v in largest.items()},
+        },
+    }
+
+
+def estimate_at_sizes(depth: dict, size_runs: list[dict], target: dict, text_layers: int) -> dict:
+    """Scale a depth extrapolation (:func:`extrapolate`) to other sizes: transient = alpha + beta * N +
+    gamma * T * N with N a phase's tokens (:func:`phase_tokens`) and T the text layers.
+
+    ``gamma`` is the fitted per-layer slope divided by the depth runs' N (KV cache and checkpointed
+    inputs grow with layers times tokens); ``alpha`` and ``beta`` split the depth-independent part ``a``
+    using a run at other sizes. Without one, ``a`` is taken as proportional to N (conservative: it holds
+    parts that do not grow with N). ``target`` has ``tokens`` per phase (see :func:`config_sizes`).
+
+    Returns:
+        phase -> {"alpha", "beta", "gamma", "transient"} (bytes).
+    """
+    out = {}
+    for phase in PHASES:
+        fit = depth[phase]
+        n1, gamma = fit["tokens"], fit["b"] / fit["tokens"]
+        alpha, beta = 0.0, fit["a"] / n1
+        for run in size_runs:
+            row = measured(run)[0]
+            n2 = phase_tokens(row, phase)
+            if n2 != n1:
+                own = summarize(run)[phase]["transient"] - gamma * run["text_layers"] * n2
+                beta = (own - fit["a"]) / (n2 - n1)
+                alpha = fit["a"] - beta * n1
+        n = target["tokens"][phase]
+        out[phase] = {
+            "alpha": alpha,
+            "beta": beta,
+            "gamma": gamma,
+            "transient": alpha + beta * n + gamma * text_layers * n,
+        }
+    return out
+
+
+def print_fit(
+    paths: list[str], text_layers: int | None, vision_layers: int | None, sizes_of: str | None
+) -> dict:
     from cppo_lightning.models.tiny import REAL_ARCHITECTURES
 
     loaded = [json.loads(Path(path).read_text()) for path in paths]
@@ -527,29 +628,65 @@ def print_fit(paths: list[str], text_layers: int | None, vision_layers: int | No
     arch = REAL_ARCHITECTURES[some["architecture"]]
     text_layers = text_layers or arch.text_layers
     vision_layers = vision_layers or arch.vision_layers
-    depths = sorted({(r["text_layers"], r["vision_layers"]) for r in sum(by_objective.values(), [])})
-    print(
-        f"EXTRAPOLATION (not a measurement) of {some['architecture']} {some['finetuning']} to {text_layers} text / "
-        f"{vision_layers} vision layers, from runs at (text, vision) depths {depths}, same width and sizes "
-        f"({some['prompts']} prompts x G={some['group']}, {some['visual_tokens']} visual tokens, {some['new_tokens']} "
-        f"new tokens); resident = largest run + counted per-layer tensors, transient = a + b * text layers"
-    )
     fitted = {}
     for name, results in by_objective.items():
-        first = results[0]
+        groups: dict[tuple, list[dict]] = {}
+        for result in results:
+            groups.setdefault(_sizes(result), []).append(result)
+        sizes = max(groups, key=lambda key: len({r["text_layers"] for r in groups[key]}))
+        runs = groups[sizes]
+        others = [r for key, group in groups.items() if key != sizes for r in group]
+        depths = sorted({(r["text_layers"], r["vision_layers"]) for r in runs})
+        first = runs[0]
         print(
-            f"{name}: one text layer keeps {first['text_layer_resident'] / 1e6:.1f} MB resident, one vision block "
+            f"{name}: EXTRAPOLATION (not a measurement) of {first['architecture']} {first['finetuning']} to "
+            f"{text_layers} text / {vision_layers} vision layers from (text, vision) depths {depths} at "
+            f"{sizes[0]} prompts x G={sizes[1]}, {sizes[2]} new tokens, {sizes[3]} visual tokens; one text layer "
+            f"keeps {first['text_layer_resident'] / 1e6:.1f} MB resident, one vision block "
             f"{first['vision_layer_resident'] / 1e6:.1f} MB"
         )
-        fitted[name] = extrapolate(results, text_layers, vision_layers)
+        depth = extrapolate(runs, text_layers, vision_layers)
+        fitted[name] = {"depth": depth}
         for phase in PHASES:
-            values = fitted[name][phase]
+            values = depth[phase]
             print(
                 f"  {PHASE_LABELS[phase]:18s} peak {values['peak'] / GB:7.2f} GB = resident {values['resident'] / GB:6.2f}"
                 f" + transient {values['transient'] / GB:6.2f} (a = {values['a'] / GB:.3f} GB, "
-                f"b = {values['b'] / 1e6:.1f} MB per text layer)"
+                f"b = {values['b'] / 1e6:.2f} MB per text layer, at {values['tokens']:.0f} tokens)"
             )
-        print(f"  step peak {max(v['peak'] for v in fitted[name].values()) / GB:.2f} GB")
+        print(f"  step peak at these sizes {max(v['peak'] for v in depth.values()) / GB:.2f} GB")
+        if not sizes_of:
+            continue
+        config = load_config(sizes_of)
+        row = measured(first)[0]
+        text_tokens = row["prompt_tokens"] / row["rollouts"] - first["visual_tokens"]
+        target = config_sizes(config, text_tokens)
+        scaled = estimate_at_sizes(depth, others, target, text_layers)
+        # The batch's tensors (pixel values of each view) scale with prompts x visual tokens. (On CUDA the
+        # resident memory already holds them, at the measured sizes.)
+        scale = (target["prompts"] * target["visual_tokens"]) / (first["prompts"] * first["visual_tokens"])
+        batch = 0.0 if first["device"].startswith("cuda") else row.get("batch_bytes", 0) * scale
+        basis = (
+            "a size run at " + ", ".join(str(_sizes(r)) for r in others)
+            if others
+            else "no size run (conservative)"
+        )
+        print(
+            f"  ESTIMATE at {sizes_of}'s sizes ({target['prompts']} prompts x G={target['group']}, "
+            f"{target['new_tokens']} new tokens, {target['visual_tokens']} visual tokens, prompts of "
+            f"{target['prompt_tokens']} tokens; {basis}); batch tensors {batch / GB:.2f} GB"
+        )
+        fitted[name]["estimate"] = {}
+        for phase in PHASES:
+            values = scaled[phase]
+            peak = depth[phase]["resident"] + batch + values["transient"]
+            fitted[name]["estimate"][phase] = peak
+            print(
+                f"    {PHASE_LABELS[phase]:18s} peak {peak / GB:7.2f} GB: transient {values['transient'] / GB:6.2f} = "
+                f"{values['alpha'] / GB:.3f} GB + {values['beta']:.0f} B x {target['tokens'][phase]:.0f} tokens + "
+                f"{values['gamma']:.0f} B x {text_layers} layers x tokens"
+            )
+        print(f"    step peak {max(fitted[name]['estimate'].values()) / GB:.2f} GB")
     return fitted
 
 
@@ -590,6 +727,9 @@ def parse_args(argv=None):
     parser.add_argument("--fit-text-layers", type=int, help="depth to extrapolate to (default: released)")
     parser.add_argument(
         "--fit-vision-layers", type=int, help="vision depth to extrapolate to (default: released)"
+    )
+    parser.add_argument(
+        "--estimate-for", metavar="CONFIG", help="with --fit: also estimate at this config's own sizes"
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-folder", help=argparse.SUPPRESS)
@@ -643,11 +783,13 @@ def model_folder(options):
 
 def main(argv=None) -> None:
     options = parse_args(argv)
+    # A terminated run still deletes its model folder (and subprocess.run kills the child).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if options.child:
         print(json.dumps(run_child(options)))
         return
     if options.fit:
-        print_fit(options.fit, options.fit_text_layers, options.fit_vision_layers)
+        print_fit(options.fit, options.fit_text_layers, options.fit_vision_layers, options.estimate_for)
         return
     baseline = options.baseline or options.config.replace("cppo", "grpo")
     configs = {}
