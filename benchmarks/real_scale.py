@@ -40,6 +40,7 @@ import contextlib
 import datetime
 import functools
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -49,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,64 +79,57 @@ def alternating_reward(prompts, completions, answers, **columns):
 # ---------------------------------------------------------------------------------------------- memory
 
 
-def resident_tensor_bytes(module, optimizers=()) -> int:
-    """Bytes of the tensors a training step keeps alive: parameters (quantized ones with their
-    quantization state), gradients, buffers and optimizer state, each storage counted once."""
+def storage_bytes(tensors: Iterable) -> int:
+    """Bytes of the storages behind ``tensors`` (None and non-tensors skipped), each storage counted once."""
     import torch
 
     seen: set[int] = set()
     total = 0
-
-    def add(tensor) -> None:
-        nonlocal total
+    for tensor in tensors:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-            return
+            continue
         storage = tensor.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() == 0:
-            return
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
-
-    def add_quant_state(state, depth: int = 0) -> None:
-        # bitsandbytes' 4-bit QuantState: absmax, code, offset, and a nested state under double quantization.
-        for value in vars(state).values():
-            if isinstance(value, torch.Tensor):
-                add(value)
-            elif depth < 2 and type(value).__name__ == "QuantState":
-                add_quant_state(value, depth + 1)
-
-    for parameter in module.parameters():
-        add(parameter)
-        add(parameter.grad)
-        state = getattr(parameter, "quant_state", None)
-        if state is not None:
-            add_quant_state(state)
-    for buffer in module.buffers():
-        add(buffer)
-    for optimizer in optimizers:
-        for state in optimizer.state.values():
-            for value in state.values():
-                add(value)
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
     return total
 
 
-def layer_resident_bytes(model, prefix: str, optimizer=None) -> int:
-    """Resident bytes of one submodule (e.g. ``...layers.0``): its parameters, quantization states,
-    gradients and their optimizer state (what each added layer costs)."""
-    import torch
+def module_tensors(module) -> Iterator:
+    """A module's parameters (4-bit ones with bitsandbytes' quantization state), gradients and buffers."""
 
+    def quant_state(state, depth=0):  # absmax, code, offset; a nested state under double quantization
+        for value in vars(state).values():
+            if type(value).__name__ == "QuantState" and depth < 2:
+                yield from quant_state(value, depth + 1)
+            else:
+                yield value
+
+    for parameter in module.parameters():
+        yield parameter
+        yield parameter.grad
+        if getattr(parameter, "quant_state", None) is not None:
+            yield from quant_state(parameter.quant_state)
+    yield from module.buffers()
+
+
+def resident_tensor_bytes(module, optimizers=()) -> int:
+    """Bytes of the tensors a training step keeps alive: :func:`module_tensors` and the optimizers' state."""
+    states = (
+        value for optimizer in optimizers for state in optimizer.state.values() for value in state.values()
+    )
+    return storage_bytes(itertools.chain(module_tensors(module), states))
+
+
+def layer_resident_bytes(model, suffix: str, optimizer=None) -> int:
+    """Resident bytes of the first submodule whose name ends with ``suffix`` (e.g. ``layers.0``), with its
+    parameters' optimizer state: what each added layer costs."""
     for name, submodule in model.named_modules():
-        if name.endswith(prefix):
-            single = torch.nn.Module()
-            single.inner = submodule
-            optimizers = []
-            if optimizer is not None:
-                owned = {id(p) for p in submodule.parameters()}
-                view = type("State", (), {})()
-                view.state = {p: s for p, s in optimizer.state.items() if id(p) in owned}
-                optimizers = [view]
-            return resident_tensor_bytes(single, optimizers)
-    raise KeyError(f"no submodule named like {prefix!r}")
+        if name.endswith(suffix):
+            state = optimizer.state if optimizer is not None else {}
+            owned = (value for p in submodule.parameters() if p in state for value in state[p].values())
+            return storage_bytes(itertools.chain(module_tensors(submodule), owned))
+    raise KeyError(f"no submodule named like {suffix!r}")
 
 
 # ---------------------------------------------------------------------------------------------- the run

@@ -35,6 +35,12 @@ def test_resident_bytes_count_parameters_gradients_optimizer_state_once():
     optimizer.step()
     # + gradients 64, + Adam's two moments 128, + a float32 step counter per parameter 2 x 4.
     assert real_scale.resident_tensor_bytes(layer, [optimizer]) == 64 + 64 + 128 + 8
+    # One layer of a stack: its own tensors and their optimizer state only.
+    stack = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))  # 64 and 40 bytes
+    adam = torch.optim.AdamW(stack.parameters())
+    stack(torch.ones(1, 3)).sum().backward()
+    adam.step()
+    assert real_scale.layer_resident_bytes(stack, "1", adam) == 40 + 40 + 80 + 8
 
 
 def test_fit_line_through_two_points_and_least_squares_through_three():
