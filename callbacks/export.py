@@ -1,8 +1,10 @@
-"""Write the LoRA adapter in PEFT format (with the processor) whenever Lightning saves a checkpoint."""
+"""Write the LoRA adapter in PEFT format (with the processor) after every complete checkpoint."""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -18,6 +20,11 @@ class AdapterExport(pl.Callback):
     the base model. Full fine-tuning has no adapter: the callback writes the whole model instead
     (``save_pretrained``) when ``full_model`` is set, and nothing otherwise.
 
+    With :class:`~callbacks.AtomicCheckpoint` the folder is written only after a checkpoint file is complete
+    (a failed checkpoint write leaves the previous adapter in place), into a temporary folder that then
+    replaces the old one. With a plain ``ModelCheckpoint`` it is written while the checkpoint is assembled,
+    as before, and may then be ahead of a checkpoint whose write failed.
+
     Args:
         dirname: folder name beside the checkpoints.
         full_model: under full fine-tuning, write the whole model (large) at every checkpoint.
@@ -26,6 +33,7 @@ class AdapterExport(pl.Callback):
     def __init__(self, dirname: str = "adapter", full_model: bool = False) -> None:
         self.dirname = dirname
         self.full_model = full_model
+        self._after_write = False
 
     def folder(self, trainer: pl.Trainer) -> Path:
         """Where the adapter goes: beside the checkpoints, else in the run folder."""
@@ -34,20 +42,46 @@ class AdapterExport(pl.Callback):
         return Path(base) / self.dirname
 
     @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
-    ) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from callbacks.checkpointing import AtomicCheckpoint
+
+        self._after_write = any(isinstance(callback, AtomicCheckpoint) for callback in trainer.callbacks)
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         policy = getattr(pl_module, "policy", None)
-        if policy is None:
+        if policy is None or not (policy.uses_adapters or self.full_model):
             return
         folder = self.folder(trainer)
-        if policy.uses_adapters:
-            pl_module.save_adapter(folder)
-        elif self.full_model:
-            policy.model.save_pretrained(folder)
-            policy.processor.save_pretrained(folder)
-        else:
-            return
+        staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            if policy.uses_adapters:
+                pl_module.save_adapter(staging)
+            else:
+                policy.model.save_pretrained(staging)
+                policy.processor.save_pretrained(staging)
+            # Two renames: the old folder stays complete until the new one is.
+            retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            if folder.exists():
+                os.replace(folder, retired)
+            os.replace(staging, folder)
+            shutil.rmtree(retired, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         log.info("wrote %s at step %d", folder, trainer.global_step)
+
+    def on_checkpoint_written(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, filepath: str
+    ) -> None:
+        """Called by :class:`~callbacks.AtomicCheckpoint` once ``filepath`` is complete on disk."""
+        self._export(trainer, pl_module)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
+        if not self._after_write:
+            self._export(trainer, pl_module)

@@ -31,20 +31,20 @@ from torch import Tensor
 from typing_extensions import override
 
 from cppo_lightning.batch import ORIGINAL, PromptBatch
+from cppo_lightning.engines import RolloutEngine, build_engine, sampler_logprob_mismatch
 from cppo_lightning.metrics import AverageAccuracy, RewardStatistics
 from cppo_lightning.models.loading import LoRAConfig, Policy, PolicyConfig, load_policy
 from cppo_lightning.objectives import CPPO, BatchCounts, Objective, group_advantages
 from cppo_lightning.rewards import DEFAULT_REWARDS, resolve_reward_function
 from cppo_lightning.rollout import (
+    EvaluationSampling,
     RewardModel,
     Rollout,
     RolloutConfig,
     decode,
     derived_seed,
-    generate,
     repeat_rows,
     reward_inputs,
-    sampling_mode,
     seeded,
 )
 from cppo_lightning.update import (
@@ -71,7 +71,7 @@ class EvaluationConfig:
 
     Args:
         samples_per_question: ``k`` samples per question.
-        temperature: sampling temperature (1.0 in the papers' protocol).
+        temperature: sampling temperature (1.0 in the papers' protocol; 0: greedy decoding).
         top_p: nucleus sampling threshold.
         max_new_tokens: completion length limit (None: the rollout's).
         reward: import path of the 0/1 grading function.
@@ -82,6 +82,20 @@ class EvaluationConfig:
     top_p: float = 1.0
     max_new_tokens: int | None = None
     reward: str = "cppo_lightning.rewards.accuracy_reward"
+
+    def __post_init__(self) -> None:
+        from cppo_lightning.rollout import sampling_problems
+
+        problems = sampling_problems(
+            self.samples_per_question,
+            self.temperature,
+            self.top_p,
+            self.max_new_tokens,
+            "samples_per_question",
+            greedy=True,
+        )
+        if problems:
+            raise ValueError("evaluation: " + "; ".join(problems))
 
 
 @dataclass
@@ -171,6 +185,8 @@ class CPPOModule(pl.LightningModule):
         optimizer: a callable ``parameters -> Optimizer`` (``class_path: torch.optim.AdamW`` in YAML).
         scheduler: optional callable ``optimizer -> LRScheduler``, stepped once per optimizer step.
         seed: base seed of rollout sampling (combined with the rank and the step).
+        allow_base_mismatch: load a checkpoint trained on another base model (or fine-tuning mode) with a
+            warning instead of an error (see :mod:`cppo_lightning.checkpoint_base`).
     """
 
     def __init__(
@@ -184,8 +200,10 @@ class CPPOModule(pl.LightningModule):
         optimizer: Callable[[Iterable], torch.optim.Optimizer] = default_optimizer,
         scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
         seed: int = 0,
+        allow_base_mismatch: bool = False,
     ) -> None:
         super().__init__()
+        self.allow_base_mismatch = allow_base_mismatch
         # Configs arrive as dataclasses (Python, CLI) or as plain dicts (load_from_checkpoint).
         self.policy_config = _as_dataclass(PolicyConfig, policy)
         self.objective = _as_objective(objective)
@@ -213,6 +231,7 @@ class CPPOModule(pl.LightningModule):
         # Under LoRA only the adapters are checkpointed; the frozen base is reloaded from its source.
         self.strict_loading = False
         self.policy: Policy | None = None
+        self.engine: RolloutEngine | None = None
         self.reward_statistics = RewardStatistics()
         self.eval_accuracy = torch.nn.ModuleDict()
         self.skipped_steps = 0
@@ -222,9 +241,6 @@ class CPPOModule(pl.LightningModule):
         self.reference_forwards = 0
         #: Seconds of each phase of the last RL step (see :meth:`phase`).
         self.phase_seconds: dict[str, float] = {}
-        #: Whether the rollouts are sampled by the trained network itself (HF generate on the policy),
-        #: so that with one optimizer step per rollout lp_old == lp.detach() is exact.
-        self.sampler_is_policy = True
         self._validated_batch_size: int | None = None
         self._reduce = None
         self._validate_sizes()
@@ -267,6 +283,8 @@ class CPPOModule(pl.LightningModule):
             self.policy = load_policy(
                 self.policy_config, reference=self.objective.needs_reference, device_map=device_map
             )
+        # What samples rollouts (model.rollout.engine); the module only calls generate() and sync().
+        self.engine = build_engine(self.rollout_config, self.policy, synced_gpus=self._synced_generation)
 
     @override
     def setup(self, stage: str) -> None:
@@ -294,13 +312,6 @@ class CPPOModule(pl.LightningModule):
         """The policy's tokenizer."""
         return self.policy.processor.tokenizer
 
-    def _eos_and_pad(self) -> tuple[list[int], int]:
-        config = self.policy.unwrapped().generation_config
-        eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        pad = config.pad_token_id if config.pad_token_id is not None else self.tokenizer.pad_token_id
-        return eos, pad
-
     def _synced_generation(self) -> bool:
         # Sharded strategies gather weights layer by layer: every rank must run the same number of
         # decoding steps, or the ranks that finished early deadlock the others.
@@ -311,26 +322,22 @@ class CPPOModule(pl.LightningModule):
 
     def _sample(
         self, batch: PromptBatch, samples: int, config: RolloutConfig
-    ) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    ) -> tuple[Tensor, Tensor, Tensor, list[str], Tensor | None]:
         example_rows = repeat_rows(batch, samples, self.device)
-        eos, pad = self._eos_and_pad()
-        with sampling_mode(self.policy.model):
-            completion, mask = generate(
-                self.policy.model,
-                batch.model_inputs(ORIGINAL, example_rows),
-                config,
-                eos,
-                pad,
-                synced_gpus=self._synced_generation(),
-            )
-        return example_rows, completion, mask, decode(self.tokenizer, completion, mask)
+        # Callers seed torch per step and rank (`seeded`); engines with their own sampler derive from it.
+        generation = self.engine.generate(self.policy, batch, example_rows, config, torch.initial_seed())
+        completion, mask = generation.completion_ids, generation.completion_mask
+        texts = decode(self.tokenizer, completion, mask)
+        return example_rows, completion, mask, texts, generation.sampler_logprobs
 
     # ------------------------------------------------------------------ training
 
     def rollout(self, batch: PromptBatch) -> Rollout:
         """Sample ``G`` completions per prompt and score them (no gradient)."""
         group = self.rollout_config.samples_per_prompt
-        example_rows, completion, mask, texts = self._sample(batch, group, self.rollout_config)
+        example_rows, completion, mask, texts, sampler_logprobs = self._sample(
+            batch, group, self.rollout_config
+        )
         rewards, terms = self.reward_model(batch, example_rows, texts)
         rewards = rewards.to(self.device)
         advantages = group_advantages(rewards, group, scale=self.objective.advantage_scale)
@@ -344,6 +351,7 @@ class CPPOModule(pl.LightningModule):
             advantages=advantages,
             group_size=group,
             batch=batch,
+            sampler_logprobs=sampler_logprobs,
         )
 
     @override
@@ -404,10 +412,17 @@ class CPPOModule(pl.LightningModule):
         )
         # With one optimizer step per rollout, sampled by the network being trained, the policy that
         # sampled is the one being updated: lp_old == lp.detach() and no old-policy pass is needed.
-        needs_old = optimizer_steps > 1 or not self.sampler_is_policy
+        # Another sampler (vLLM) is not the trained network: lp_old then comes from the policy, and
+        # the gap between the two is logged.
+        needs_old = optimizer_steps > 1 or not self.engine.samples_from_policy
         frozen = [request.name for request in objective.view_requests() if not request.with_grad]
         with torch.no_grad():
             scorer.precompute(old=needs_old, reference=None, frozen_views=frozen)
+            old = scorer.precomputed.old_logprobs
+            if old is not None and rollout.sampler_logprobs is not None:
+                rollout.sampler_logprob_mismatch = sampler_logprob_mismatch(
+                    rollout.sampler_logprobs, old, rollout.completion_mask
+                )
             if objective.needs_reference:
                 with self.policy.reference() as reference:
                     scorer.precomputed.ref_logprobs = scorer.score_all(reference)
@@ -601,6 +616,8 @@ class CPPOModule(pl.LightningModule):
         optimizer.step()
         step.grad_norm = norm.detach()
         statistics.merge(step)
+        # The next rollout must sample from the updated weights.
+        self.engine.sync(self.policy)
 
     # ------------------------------------------------------------------ logging
 
@@ -622,6 +639,8 @@ class CPPOModule(pl.LightningModule):
         values.update(statistics.means())
         values["forwards"] = float(statistics.forwards)
         values["skipped_steps"] = float(self.skipped_steps)
+        if rollout.sampler_logprob_mismatch is not None:
+            values["sampler_logprob_mismatch"] = rollout.sampler_logprob_mismatch
         values["lr"] = self.optimizers().param_groups[0]["lr"]
         timing = {
             "time/rollout_s": rollout_time,
@@ -649,14 +668,16 @@ class CPPOModule(pl.LightningModule):
     def _evaluation_step(self, stage: str, batch: PromptBatch, batch_idx: int, dataloader_idx: int) -> None:
         evaluation = self.evaluation
         k = evaluation.samples_per_question
-        config = RolloutConfig(
+        config = EvaluationSampling(
             samples_per_prompt=k,
             temperature=evaluation.temperature,
             top_p=evaluation.top_p,
             max_new_tokens=evaluation.max_new_tokens or self.rollout_config.max_new_tokens,
+            engine=self.rollout_config.engine,
+            vllm=self.rollout_config.vllm,
         )
         with seeded(derived_seed(self.seed, self.global_rank, stage, dataloader_idx, batch_idx), self.device):
-            example_rows, completion, mask, texts = self._sample(batch, k, config)
+            example_rows, completion, mask, texts, _ = self._sample(batch, k, config)
         # The dataset's columns too (benchmarks: choices, multiple_choice), as a reward function gets them.
         prompts, columns = reward_inputs(batch, example_rows)
         grades = self.eval_grader(prompts, texts, **columns)
@@ -711,13 +732,28 @@ class CPPOModule(pl.LightningModule):
         checkpoint["state_dict"] = {
             key: value for key, value in checkpoint["state_dict"].items() if key in keep
         }
+        if self._base_record is None:  # the base does not change during a run: hashed once
+            self._base_record = self._current_base()
         checkpoint["cppo"] = {
             "skipped_steps": self.skipped_steps,
             "model_name_or_path": self.policy_config.model_name_or_path,
+            "base": self._base_record,
         }
+
+    _base_record: dict | None = None
+
+    def _current_base(self) -> dict:
+        from cppo_lightning.checkpoint_base import base_record
+
+        config = self.policy_config
+        return base_record(config.model_name_or_path, config.finetuning, config.revision)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from cppo_lightning.checkpoint_base import check_base
+
+        # Before the key check: adapters of another base have exactly the keys this policy expects.
+        check_base(checkpoint.get("cppo", {}).get("base"), self._current_base(), self.allow_base_mismatch)
         self.configure_model()
         missing = sorted(self._checkpointed_keys() - set(checkpoint["state_dict"]))
         if missing:

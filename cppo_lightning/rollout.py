@@ -8,15 +8,19 @@ A :class:`Rollout` is what one RL step works on: ``G`` sampled completions for e
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from cppo_lightning.batch import PromptBatch
+from cppo_lightning.engines.config import VLLMConfig
 from cppo_lightning.models.scoring import completion_mask
 from cppo_lightning.rewards import resolve_reward_function, short_name
 
@@ -34,6 +38,9 @@ class RolloutConfig:
         min_new_tokens: sample at least this many tokens (end-of-sequence tokens are masked until then);
             equal to ``max_new_tokens``, every completion has exactly that length (benchmarks use this
             to measure a given length with a random model). 0: no minimum.
+        engine: what samples: ``"hf"`` (``generate`` on the trained policy) or ``"vllm"`` (vLLM colocated
+            in the training process, synced after every optimizer step; needs the ``[vllm]`` extra).
+        vllm: options of the vLLM engine (:class:`~cppo_lightning.engines.VLLMConfig`).
     """
 
     samples_per_prompt: int = 5
@@ -41,14 +48,71 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 1024
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"rollout: min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), "
-                f"got {self.min_new_tokens}"
+        # From a checkpoint's hyperparameters the nested options arrive as a plain dict.
+        if isinstance(self.vllm, Mapping):
+            self.vllm = VLLMConfig(**self.vllm)
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"model.rollout.engine must be 'hf' or 'vllm', got {self.engine!r}")
+        # Refused here, at start-up: otherwise they fail after the model, the data and a whole rollout.
+        problems = sampling_problems(
+            self.samples_per_prompt, self.temperature, self.top_p, self.max_new_tokens, greedy=self._greedy
+        )
+        limit = self.max_new_tokens if isinstance(self.max_new_tokens, int) else math.inf
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= limit:
+            problems.append(
+                f"min_new_tokens must be an integer in 0..max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens!r}"
             )
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if problems:
+            raise ValueError("rollout: " + "; ".join(problems))
+
+    #: Training rollouts are sampled: their log-probs are computed from logits divided by the temperature.
+    _greedy = False
+
+
+@dataclass
+class EvaluationSampling(RolloutConfig):
+    """Sampling settings of validation and test: as :class:`RolloutConfig`, and temperature 0 is greedy."""
+
+    _greedy = True
+
+
+def sampling_problems(
+    samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int | None,
+    samples_name: str = "samples_per_prompt",
+    greedy: bool = False,
+) -> list[str]:
+    """What is wrong with sampling settings (empty when nothing): shared by rollouts and evaluation.
+
+    ``greedy`` allows ``temperature`` 0 (greedy decoding: evaluation only).
+    """
+    problems = []
+    if not isinstance(samples, int) or samples < 1:
+        problems.append(f"{samples_name} must be an integer >= 1, got {samples!r}")
+    finite = isinstance(temperature, numbers.Real) and math.isfinite(temperature)
+    if greedy and finite and temperature == 0:
+        pass
+    elif not finite or temperature <= 0:
+        problems.append(
+            f"temperature must be a finite number > 0, got {temperature!r} (completions are sampled, and "
+            "their log-probs are computed from logits divided by the temperature)"
+            + ("" if not greedy else "; 0 means greedy decoding")
+        )
+    if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        problems.append(f"top_p must be in (0, 1] (1: off), got {top_p!r}")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        problems.append(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    return problems
 
 
 @dataclass
@@ -67,6 +131,9 @@ class Rollout:
         diagnostics: per-token values the objective reported during the update (first PPO epoch),
             name -> [N, C] (NaN, or False for masks, where not computed). CPPO: ``entropy`` (under
             ``I``), ``entropy_removed`` (under ``I-``), ``perception_mask``.
+        sampler_logprobs: [N, C] log-probs the rollout engine reported for its samples (None for HF).
+        sampler_logprob_mismatch: mean ``|lp_sampler - lp_policy|`` over response tokens, set by the
+            update when the engine is not the policy.
     """
 
     example_rows: Tensor
@@ -79,6 +146,8 @@ class Rollout:
     group_size: int
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
     batch: PromptBatch | None = field(default=None, repr=False)
+    sampler_logprobs: Tensor | None = None
+    sampler_logprob_mismatch: Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -201,6 +270,8 @@ class RewardModel:
 
         Raises:
             RuntimeError: a reward function raised (the message names it).
+            TypeError: a reward function returned something other than numbers (None, strings ...); the
+                message names the function and shows the value.
             ValueError: a reward function returned the wrong number of values or a non-finite one.
         """
         prompts, columns = reward_inputs(batch, example_rows)
@@ -213,11 +284,7 @@ class RewardModel:
                 raise RuntimeError(
                     f"reward function {name!r} raised {type(error).__name__}: {error}"
                 ) from error
-            values = torch.as_tensor(list(values), dtype=torch.float32)
-            if values.shape != (len(completions),):
-                raise ValueError(
-                    f"reward function {name!r} returned {values.numel()} values for {len(completions)} completions"
-                )
+            values = _reward_values(name, values, len(completions))
             if not torch.isfinite(values).all():
                 raise ValueError(f"reward function {name!r} returned non-finite values: {values.tolist()}")
             terms[name] = values
@@ -244,6 +311,31 @@ def reward_inputs(batch: PromptBatch, example_rows: Tensor) -> tuple[list[str], 
     for key in sorted({key for metadata in batch.metadata for key in metadata}):
         columns.setdefault(key, [batch.metadata[i].get(key) for i in rows])
     return [batch.questions[i] if batch.questions else "" for i in rows], columns
+
+
+def _reward_values(name: str, values, expected: int) -> Tensor:
+    """``values`` as a float tensor of ``expected`` numbers, or an error naming the function and the value."""
+    shown = repr(values) if len(repr(values)) <= 200 else repr(values)[:200] + "..."
+    if isinstance(values, (Tensor, np.ndarray)):
+        values = values.tolist() if values.ndim == 1 else values
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(
+            f"reward function {name!r} returned {shown} ({type(values).__name__}); it must return a list of "
+            f"{expected} numbers, one per completion"
+        )
+    if len(values) != expected:
+        raise ValueError(
+            f"reward function {name!r} returned {len(values)} values for {expected} completions: {shown}"
+        )
+    for index, value in enumerate(values):
+        if isinstance(value, (Tensor, np.ndarray)) and getattr(value, "ndim", 1) == 0:
+            value = value.item()
+        if not isinstance(value, numbers.Real):  # None, strings, nested lists; bool is a Real (0/1)
+            raise TypeError(
+                f"reward function {name!r} returned {shown}: value {index} is {value!r} "
+                f"({type(value).__name__}), not a number"
+            )
+    return torch.as_tensor([float(value) for value in values], dtype=torch.float32)
 
 
 def decode(tokenizer, completion_ids: Tensor, mask: Tensor) -> list[str]:

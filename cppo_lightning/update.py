@@ -294,7 +294,11 @@ class RolloutScorer:
         rows_prompt = batch.prompt_lengths()
         self.example_rows = rollout.example_rows.tolist()
         self.prompt_lengths = [rows_prompt[e] for e in self.example_rows]
-        self.completion_lengths = rollout.completion_mask.sum(dim=1).tolist()
+        mask = rollout.completion_mask.cpu()
+        lengths = mask.sum(dim=1)
+        if not torch.equal(mask, torch.arange(mask.shape[1]) < lengths.unsqueeze(1)):
+            raise ValueError("rollout.completion_mask must be True on a prefix of each row (up to its EOS)")
+        self.completion_lengths = lengths.tolist()
         self.advantages = rollout.advantages.detach().cpu()
         self.precomputed = Precomputed()
         self.forwards = 0
@@ -364,45 +368,58 @@ class RolloutScorer:
         inputs.update(
             concat_vision_inputs([{k: v for k, v in p.items() if k not in TEXT_KEYS} for p in pieces])
         )
-        index = torch.cat([rows[part.local] for part in parts]).to(self.device)
+        stacked = torch.cat([rows[part.local] for part in parts])
+        index = stacked.to(self.device)
         completion = self.rollout.completion_ids[index, :length]
         mask = self.rollout.completion_mask[index, :length]
         self.forwards += 1
         hidden = completion_hidden_states(model, inputs, completion, mask)
+        width = hidden.shape[-1]
+        flat_hidden, flat_ids = hidden.reshape(-1, width), completion.reshape(-1)
         head = LanguageModelHead.of(model)
         sizes = [len(part.local) for part in parts]
-        logprobs, entropies = [], []
         starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        # Positions of the response tokens in the flattened stack, from the lengths on the CPU: a
+        # boolean-mask index would cost a device sync per part.
+        lengths = [self.completion_lengths[r] for r in stacked.tolist()]
+        positions = [
+            _positions(lengths[starts[n] : starts[n + 1]], length, starts[n] * length, self.device)
+            for n in range(len(parts))
+        ]
+        logprobs, entropies = [], []
         for number, part in enumerate(parts):
-            block = slice(starts[number], starts[number + 1])
-            part_mask = mask[block]
+            where = positions[number]
             scores = score_positions(
                 head,
-                hidden[block][part_mask],
-                completion[block][part_mask],
+                flat_hidden.index_select(0, where),
+                flat_ids.index_select(0, where),
                 self.temperature,
                 entropy=part.entropy,
                 chunk_tokens=self.chunk_tokens,
             )
-            logprobs.append(_dense(scores.logprobs, part_mask))
-            entropies.append(_dense(scores.entropy, part_mask) if scores.entropy is not None else None)
+            block = (sizes[number], length)
+            offset = starts[number] * length
+            logprobs.append(_dense(scores.logprobs, where - offset, block))
+            entropies.append(_dense(scores.entropy, where - offset, block) if part.entropy else None)
         divergence = {}
         for number, anchor in (divergences or {}).items():
             view, original = parts[number], parts[anchor]
-            # Rows of the view part, located in the original part (the original has every row).
-            where = torch.full((len(micro.rows),), -1, dtype=torch.long)
-            where[original.local] = torch.arange(len(original.local))
-            anchor_rows = where[view.local].to(self.device) + starts[anchor]
-            view_rows = torch.arange(starts[number], starts[number + 1], device=self.device)
-            part_mask = mask[view_rows]
+            # The view's rows, located in the original part (which has every row of the micro-batch).
+            slot = torch.full((len(micro.rows),), -1, dtype=torch.long)
+            slot[original.local] = torch.arange(len(original.local))
+            anchor_rows = (slot[view.local] + starts[anchor]).tolist()
+            where = positions[number]
+            anchor_where = _positions(
+                [lengths[r] for r in anchor_rows], length, 0, self.device, rows=anchor_rows
+            )
             values = divergence_positions(
                 head,
-                hidden[anchor_rows][part_mask],
-                hidden[view_rows][part_mask],
+                flat_hidden.index_select(0, anchor_where),
+                flat_hidden.index_select(0, where),
                 self.temperature,
                 chunk_tokens=self.chunk_tokens,
             )
-            divergence[view.view] = _dense(values, part_mask)
+            divergence[view.view] = _dense(values, where - starts[number] * length, (sizes[number], length))
         return logprobs, entropies, divergence
 
     def inputs(
@@ -521,9 +538,19 @@ class RolloutScorer:
         return self.precomputed
 
 
-def _dense(flat: Tensor, mask: Tensor) -> Tensor:
-    """[R, T] tensor with ``flat`` at the True positions of ``mask`` (row-major) and 0 elsewhere."""
-    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+def _positions(
+    lengths: Sequence[int], width: int, offset: int, device: torch.device, rows: Sequence[int] | None = None
+) -> Tensor:
+    """Flat indices of the first ``lengths[i]`` positions of rows of ``width`` (row i, or ``rows[i]``)."""
+    rows = range(len(lengths)) if rows is None else rows
+    index = [offset + row * width + t for row, n in zip(rows, lengths) for t in range(n)]
+    return torch.tensor(index, dtype=torch.long).to(device, non_blocking=True)
+
+
+def _dense(flat: Tensor, where: Tensor, shape: tuple[int, int]) -> Tensor:
+    """[R, T] tensor with ``flat`` at the flat positions ``where`` and 0 elsewhere (differentiable)."""
+    out = torch.zeros(shape[0] * shape[1], dtype=flat.dtype, device=flat.device)
+    return out.index_put((where,), flat).view(shape)
 
 
 def _rows(values: Tensor | None, rows: Tensor, length: int) -> Tensor | None:

@@ -9,8 +9,10 @@ size is capped in pixels instead, and the prompt limit only catches genuinely lo
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -89,11 +91,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(value: Any, image_root: Path | None = None) -> Image.Image:
+def open_image(value: Any, image_root: Path | None = None, allow_outside_root: bool = False) -> Image.Image:
     """Decode one image value: a PIL image, bytes, ``{"bytes", "path"}``, a path, or a list of one of those.
 
+    Args:
+        value: the image column's value.
+        image_root: folder relative paths are resolved against; paths must stay inside it.
+        allow_outside_root: accept paths that resolve outside ``image_root`` (``../``, absolute paths).
+
     Raises:
-        ExampleError: no image, several images, or an unreadable/corrupt one.
+        ExampleError: no image, several images, a path outside ``image_root``, or an unreadable/corrupt one.
     """
     if isinstance(value, (list, tuple)):
         if len(value) == 0:
@@ -112,13 +119,13 @@ def open_image(value: Any, image_root: Path | None = None) -> Image.Image:
             if value.get("bytes"):
                 image = Image.open(io.BytesIO(value["bytes"]))
             elif value.get("path"):
-                image = Image.open(_resolve(value["path"], image_root))
+                image = Image.open(_resolve(value["path"], image_root, allow_outside_root))
             else:
                 raise ExampleError("no image")
         elif isinstance(value, (str, Path)):
             if not str(value).strip():
                 raise ExampleError("no image")
-            image = Image.open(_resolve(value, image_root))
+            image = Image.open(_resolve(value, image_root, allow_outside_root))
         else:
             raise ExampleError("unreadable image", f"unsupported value of type {type(value).__name__}")
         image.load()
@@ -133,10 +140,22 @@ def open_image(value: Any, image_root: Path | None = None) -> Image.Image:
     return image
 
 
-def _resolve(path: str | Path, root: Path | None) -> Path:
+def _resolve(path: str | Path, root: Path | None, allow_outside_root: bool = False) -> Path:
+    given = path
     path = Path(path).expanduser()
     if not path.is_absolute() and root is not None:
         path = root / path
+    if root is not None and not allow_outside_root:
+        # Lexically, without following links: a dataset's "../../" must not reach files outside its
+        # image folder, while a symlinked image folder inside it stays usable.
+        inside = Path(os.path.normpath(os.path.abspath(path)))
+        folder = Path(os.path.normpath(os.path.abspath(root)))
+        if not inside.is_relative_to(folder):
+            raise ExampleError(
+                "image outside image_root",
+                f"{str(given)!r} resolves to {str(inside)!r}, outside image_root {str(folder)!r} "
+                "(set allow_outside_image_root: true on the source to accept it)",
+            )
     if not path.exists():
         raise ExampleError("unreadable image", f"file {str(path)!r} does not exist")
     return path
@@ -149,10 +168,41 @@ def clean_question(question: Any) -> str:
     return _PLACEHOLDER.sub("", str(question)).strip()
 
 
-def clean_answer(answer: Any) -> str:
-    """The reference answer as a string (a single-element list is unwrapped)."""
+def image_tags(question: Any) -> int:
+    """Number of ``<image>`` placeholders (``<image>``, ``<image 1>``, ``<image1>``) in a question."""
+    return 0 if question is None else len(_PLACEHOLDER.findall(str(question)))
+
+
+def check_image_tags(question: Any, images: int = 1) -> None:
+    """A question may name its image once, or not at all (the chat template places it).
+
+    Raises:
+        ExampleError: more tags than images: the question refers to pictures the example does not have.
+    """
+    tags = image_tags(question)
+    if tags not in (0, images):
+        raise ExampleError(
+            "image tags do not match images",
+            f"the question has {tags} <image> tags but the example has {images} image{'s' * (images != 1)}",
+        )
+
+
+def clean_answer(answer: Any, field_name: str = "answer") -> str:
+    """The reference answer as a string (a list of one answer, or of copies of one, is unwrapped).
+
+    Raises:
+        ExampleError: a list of several different answers (the rewards grade one verifiable answer).
+    """
     if isinstance(answer, (list, tuple)):
-        answer = answer[0] if len(answer) == 1 else None
+        distinct = list(dict.fromkeys(str(item).strip() for item in answer if item is not None))
+        distinct = [item for item in distinct if item]
+        if len(distinct) > 1:
+            raise ExampleError(
+                "several answers",
+                f"field {field_name!r} holds {len(distinct)} different answers {distinct[:5]}: one verifiable "
+                "answer per example is expected (keep one, or write a reward function that accepts any)",
+            )
+        answer = distinct[0] if distinct else None
     if answer is None:
         return ""
     return str(answer).strip()
@@ -160,23 +210,60 @@ def clean_answer(answer: Any) -> str:
 
 @dataclass
 class SkipReport:
-    """Counted skips of one data source, with the first few example ids per reason."""
+    """Counted skips of one data source: counts per reason, the first few ids, and every skip in full.
+
+    Attributes:
+        source: ``<stage>:<source name>``.
+        total: examples seen.
+        counts: reason -> skipped examples.
+        examples: reason -> the first few ids (for the summary line).
+        converted: image mode -> examples converted to RGB (among the kept ones).
+        entries: one dict per skipped example (``source``, ``id``, ``row``, ``reason``, ``detail``): what
+            ``skipped.jsonl`` holds.
+        logged_per_reason: at most this many warning lines per reason; the rest is in the summary and
+            ``skipped.jsonl``.
+    """
 
     source: str
     total: int = 0
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     converted: Counter = field(default_factory=Counter)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    logged_per_reason: int = 3
 
-    def add(self, reason: str, example_id: str) -> None:
+    def add(self, reason: str, example_id: str, detail: str = "", row: int | None = None) -> None:
+        """Count one skipped example; log it while its reason has had fewer than ``logged_per_reason`` lines."""
         self.counts[reason] += 1
         self.examples.setdefault(reason, [])
         if len(self.examples[reason]) < 5:
             self.examples[reason].append(example_id)
+        self.entries.append(
+            {"source": self.source, "id": example_id, "row": row, "reason": reason, "detail": detail}
+        )
+        if self.counts[reason] <= self.logged_per_reason:
+            where = f" (row {row})" if row is not None else ""
+            text = f"{reason}: {detail}" if detail else reason
+            log.warning("skipping %s: example %r%s: %s", self.source, example_id, where, text)
+            if self.counts[reason] == self.logged_per_reason:
+                log.warning(
+                    "%s: further %r skips are counted, not logged (see the summary and skipped.jsonl)",
+                    self.source,
+                    reason,
+                )
 
     @property
     def skipped(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def fraction(self) -> float:
+        """Skipped share of the examples seen."""
+        return self.skipped / self.total if self.total else 0.0
+
+    def log_summary(self) -> None:
+        """The summary line: at WARNING when anything was skipped (a user must see data loss), else INFO."""
+        log.log(logging.WARNING if self.counts else logging.INFO, self.summary())
 
     def summary(self) -> str:
         """One line: kept/total and each reason with a few ids."""
@@ -194,6 +281,19 @@ class SkipReport:
                 f"{n} {mode}" for mode, n in self.converted.most_common()
             )
         return text
+
+
+def write_skipped(path: str | Path, reports: Sequence[SkipReport]) -> Path:
+    """Write every skipped example of ``reports`` to ``path`` as JSON lines (replacing the file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w") as handle:
+        for report in reports:
+            for entry in report.entries:
+                handle.write(json.dumps(entry) + "\n")
+    os.replace(temporary, path)
+    return path
 
 
 class PromptEncoder:

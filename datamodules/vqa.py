@@ -12,7 +12,9 @@ information-removing ``I-`` (CPPO), or PAPO's masked view. The processor runs in
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,14 @@ from datamodules.examples import (
     ImageLimits,
     PromptEncoder,
     SkipReport,
+    check_image_tags,
     clean_answer,
     clean_question,
     example_ids,
     fit_pixels,
     open_image,
     to_rgb,
+    write_skipped,
 )
 from datamodules.perturbations import PerturbationPool, ViewMaker
 from datamodules.sampling import EpochProgress, ResumableDataLoader, ResumableSampler
@@ -62,6 +66,14 @@ class VQADataset(Dataset):
         view_maker: draws the perturbed views (None: original only).
         seed: view seed.
         keep_images: keep the raw view images in the encoded example (for visualisation).
+        allow_outside_root: accept image paths outside ``image_root``.
+        source: name of the source in messages.
+        max_failures: examples whose image may become unreadable after set-up before loading stops.
+        skipped_path: ``skipped.jsonl`` to append such examples to (every process appends its own).
+
+    An example whose image cannot be read any more (deleted or changed after set-up) is not a crash: it is
+    logged with its id, counted in ``failures``, appended to ``skipped_path``, and replaced in its batch by
+    the next readable example (deterministically, so a resumed run sees the same batches).
     """
 
     def __init__(
@@ -76,6 +88,10 @@ class VQADataset(Dataset):
         view_maker: ViewMaker | None,
         seed: int,
         keep_images: bool = True,
+        allow_outside_root: bool = False,
+        source: str = "data",
+        max_failures: int | None = None,
+        skipped_path: str | Path | None = None,
     ) -> None:
         self.dataset = dataset
         self.rows = rows
@@ -87,6 +103,12 @@ class VQADataset(Dataset):
         self.view_maker = view_maker
         self.seed = seed
         self.keep_images = keep_images
+        self.allow_outside_root = allow_outside_root
+        self.source = source
+        self.max_failures = max_failures
+        self.skipped_path = skipped_path
+        #: id -> reason of the examples whose image could not be read after set-up (in this process).
+        self.failures: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -94,7 +116,7 @@ class VQADataset(Dataset):
     def raw_image(self, index: int) -> Image.Image:
         """The checked RGB image of example ``index`` as stored (before the pixel limits)."""
         value = self.dataset[self.rows[index]][self.columns["image"]]
-        return to_rgb(open_image(value, self.image_root))
+        return to_rgb(open_image(value, self.image_root, self.allow_outside_root))
 
     def resize(self, image: np.ndarray | Image.Image) -> np.ndarray:
         """``image`` resized into the pixel limits, as uint8 ``[H, W, 3]``."""
@@ -107,6 +129,48 @@ class VQADataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        for offset in range(len(self.rows)):
+            candidate = (index + offset) % len(self.rows)
+            if self.ids[candidate] in self.failures:
+                continue
+            try:
+                return self._encode(candidate, epoch)
+            except ExampleError as error:
+                self._failed(candidate, error, epoch)
+        raise RuntimeError(f"{self.source}: no example has a readable image any more")
+
+    def _failed(self, index: int, error: ExampleError, epoch: int) -> None:
+        example_id = self.ids[index]
+        self.failures[example_id] = error.reason
+        log.warning(
+            "%s: example %r (row %d) cannot be loaded any more (%s): replaced by the next readable example "
+            "(%d such examples so far in this process)",
+            self.source,
+            example_id,
+            self.rows[index],
+            error,
+            len(self.failures),
+        )
+        if self.skipped_path is not None:
+            entry = {
+                "source": self.source,
+                "id": example_id,
+                "row": self.rows[index],
+                "reason": error.reason,
+                "detail": str(error),
+                "when": f"loading, epoch {epoch}",
+            }
+            # One short line per write, appended: safe from several worker processes and ranks.
+            with open(self.skipped_path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        if self.max_failures is not None and len(self.failures) > self.max_failures:
+            raise RuntimeError(
+                f"{self.source}: {len(self.failures)} of {len(self.rows)} examples became unreadable after "
+                f"set-up (more than max_skip_fraction allows), e.g. {list(self.failures)[:3]}: "
+                "has the data changed since the run started?"
+            )
+
+    def _encode(self, index: int, epoch: int):
         row = self.dataset[self.rows[index]]
         example_id = self.ids[index]
         raw = self.raw_image(index)
@@ -139,6 +203,7 @@ def check_examples(
     image_root,
     report: SkipReport,
     strict: bool,
+    allow_outside_root: bool = False,
 ) -> list[int]:
     """Rows of ``dataset`` that pass every check; each failure counted in ``report`` (or raised if ``strict``).
 
@@ -151,27 +216,67 @@ def check_examples(
         example_id = ids[row]
         report.total += 1
         try:
-            answer = clean_answer(example[columns["answer"]])
+            answer = clean_answer(example[columns["answer"]], columns["answer"])
             if not answer:
                 raise ExampleError("missing answer", f"field {columns['answer']!r} is empty")
             question = clean_question(example[columns["question"]])
             if not question:
                 raise ExampleError("missing question", f"field {columns['question']!r} is empty")
-            raw = open_image(example[columns["image"]], image_root)
+            raw = open_image(example[columns["image"]], image_root, allow_outside_root)
+            check_image_tags(example[columns["question"]], images=1)
             image = fit_pixels(to_rgb(raw), limits)
             encoder.check(question, image)
         except ExampleError as error:
-            message = f"{report.source}: example {example_id!r} (row {row}): {error}"
             if strict:
-                raise ValueError(message) from None
-            log.warning("skipping %s", message)
-            report.add(error.reason, example_id)
+                raise ValueError(f"{report.source}: example {example_id!r} (row {row}): {error}") from None
+            detail = str(error)
+            detail = detail[len(error.reason) + 2 :] if detail.startswith(f"{error.reason}: ") else ""
+            report.add(error.reason, example_id, detail, row)
             continue
         # Counted only for kept examples: the summary's conversions are among the examples trained on.
         if raw.mode != "RGB":
             report.converted[raw.mode] += 1
         kept.append(row)
     return kept
+
+
+def _check_arguments(
+    prompt_template: str,
+    batch_size: int,
+    eval_batch_size: int | None,
+    min_pixels: int | None,
+    max_pixels: int | None,
+    max_prompt_tokens: int | None,
+    views: list[str] | None,
+    max_skip_fraction: float,
+    num_workers: int,
+) -> None:
+    """Refuse DataModule arguments that cannot work, all at once, before anything is loaded."""
+    problems = []
+    if "{question}" not in prompt_template:
+        problems.append(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
+    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            problems.append(f"{name} must be >= 1, got {value!r}")
+    for name, value in (
+        ("min_pixels", min_pixels),
+        ("max_pixels", max_pixels),
+        ("max_prompt_tokens", max_prompt_tokens),
+    ):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            problems.append(f"{name} must be >= 1 or null, got {value!r}")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        problems.append(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})")
+    known = (ORIGINAL, PRESERVING, REMOVING, MASKED)
+    unknown = [view for view in views or [] if view not in known]
+    if unknown:
+        problems.append(f"unknown views {unknown}; choose among {list(known)}")
+    if not isinstance(max_skip_fraction, (int, float)) or not 0 <= max_skip_fraction <= 1:
+        problems.append(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        problems.append(f"num_workers must be >= 0, got {num_workers!r}")
+    if problems:
+        raise ValueError("data: " + "; ".join(problems))
 
 
 class VisualQADataModule(pl.LightningDataModule):
@@ -196,6 +301,10 @@ class VisualQADataModule(pl.LightningDataModule):
         removing_pool: ``I-`` transforms (default: the release's pool).
         masked_pool: PAPO's masked-view transforms (default: 14 px patches blackened with p = 0.6).
         strict: raise on the first bad example instead of skipping it.
+        max_skip_fraction: set-up stops (with the summary) when a source loses more than this share of its
+            examples to skips; 1.0 accepts any loss.
+        skipped_path: where every skipped example is listed (JSON lines: source, id, row, reason, detail);
+            default: ``skipped.jsonl`` in the run folder when the trainer has a logger, else nowhere.
         num_workers: DataLoader worker processes (views and processor run there).
         seed: seed of shuffling and of the view draws (with the epoch and example id).
         shuffle: shuffle the training set every epoch.
@@ -220,16 +329,25 @@ class VisualQADataModule(pl.LightningDataModule):
         removing_pool: PerturbationPool | None = None,
         masked_pool: PerturbationPool | None = None,
         strict: bool = False,
+        max_skip_fraction: float = 0.2,
+        skipped_path: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
         shuffle: bool = True,
         keep_images: bool = True,
     ) -> None:
         super().__init__()
-        if "{question}" not in prompt_template:
-            raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _check_arguments(
+            prompt_template=prompt_template,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            max_prompt_tokens=max_prompt_tokens,
+            views=views,
+            max_skip_fraction=max_skip_fraction,
+            num_workers=num_workers,
+        )
         self.train_source = train
         self.val_sources = list(val or [])
         self.test_sources = list(test or [])
@@ -244,6 +362,8 @@ class VisualQADataModule(pl.LightningDataModule):
         self.views = tuple(views) if views is not None else None
         self.pools = {PRESERVING: preserving_pool, REMOVING: removing_pool, MASKED: masked_pool}
         self.strict = strict
+        self.max_skip_fraction = max_skip_fraction
+        self.skipped_path = skipped_path
         self.num_workers = num_workers
         self.seed = seed
         self.shuffle = shuffle
@@ -252,6 +372,7 @@ class VisualQADataModule(pl.LightningDataModule):
         self.datasets: dict[str, list[VQADataset]] = {}
         self.skip_reports: list[SkipReport] = []
         self.progress = EpochProgress()
+        self._skipped_file: Path | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -312,7 +433,7 @@ class VisualQADataModule(pl.LightningDataModule):
         counted in ``report`` (``total`` and a reason each), like the checks that follow count theirs.
         """
         if isinstance(source, DataSource):
-            return load_source(source), source.columns, source.resolved_image_root()
+            return load_source(source, report), source.columns, source.resolved_image_root()
         return source, Columns(), None
 
     def _build(
@@ -320,6 +441,7 @@ class VisualQADataModule(pl.LightningDataModule):
     ) -> VQADataset:
         report = SkipReport(source=f"{stage}:{name}")
         dataset, column_config, image_root = self._load(name, source, report)
+        allow_outside = getattr(source, "allow_outside_image_root", False)
         columns = resolve_columns(dataset, column_config, name)
         ids = example_ids(dataset[columns["id"]] if columns["id"] else None, name, len(dataset))
         encoder = PromptEncoder(
@@ -329,11 +451,21 @@ class VisualQADataModule(pl.LightningDataModule):
             max_prompt_tokens=self.max_prompt_tokens,
         )
         limits = self.image_limits()
-        rows = check_examples(dataset, columns, ids, encoder, limits, image_root, report, self.strict)
+        rows = check_examples(
+            dataset, columns, ids, encoder, limits, image_root, report, self.strict, allow_outside
+        )
         self.skip_reports.append(report)
-        log.info(report.summary())
+        report.log_summary()
+        self._write_skipped()
         if not rows:
             raise ValueError(f"{report.summary()}: no usable example left")
+        if report.fraction > self.max_skip_fraction:
+            where = f" (every skip is listed in {self._skipped_file})" if self._skipped_file else ""
+            raise ValueError(
+                f"{report.summary()}: {report.fraction:.0%} of the examples were skipped, more than "
+                f"max_skip_fraction={self.max_skip_fraction}{where}. Fix the data (or its column "
+                "mapping), or raise max_skip_fraction to use what is left."
+            )
         view_maker = None
         if stage == "train" and len(views) > 1:
             view_maker = ViewMaker(
@@ -350,13 +482,43 @@ class VisualQADataModule(pl.LightningDataModule):
             view_maker,
             self.seed,
             self.keep_images,
+            allow_outside_root=allow_outside,
+            source=report.source,
+            max_failures=math.floor(self.max_skip_fraction * len(rows)),
+            skipped_path=self._skipped_file,
         )
+
+    def _resolve_skipped_file(self) -> Path | None:
+        if self.skipped_path is not None:
+            return Path(self.skipped_path)
+        trainer = self.trainer if self._trainer_attached() else None
+        if trainer is None or not trainer.loggers:
+            return None  # no run folder: nothing is written (the summary is still logged)
+        log_dir = trainer.log_dir  # on every rank: it broadcasts from rank zero
+        return Path(log_dir) / "skipped.jsonl" if log_dir else None
+
+    def _write_skipped(self) -> None:
+        rank_zero = not self._trainer_attached() or self.trainer.is_global_zero
+        if self._skipped_file is not None and rank_zero:
+            write_skipped(self._skipped_file, self.skip_reports)
+
+    @property
+    def load_failures(self) -> dict[str, dict[str, str]]:
+        """Source -> {id: reason} of examples whose image became unreadable after set-up (this process)."""
+        return {
+            dataset.source: dict(dataset.failures)
+            for datasets_ in self.datasets.values()
+            for dataset in datasets_
+            if dataset.failures
+        }
 
     @override
     def setup(self, stage: str) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(
             stage, ()
         )
+        if self._skipped_file is None:
+            self._skipped_file = self._resolve_skipped_file()
         for split in wanted:
             if split in self.datasets:
                 continue
@@ -468,6 +630,10 @@ class SyntheticVQADataModule(VisualQADataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        sizes = {"train_size": train_size, "val_size": val_size, "test_size": test_size}
+        bad = {name: value for name, value in sizes.items() if not isinstance(value, int) or value < 0}
+        if bad:
+            raise ValueError(f"data: sizes must be integers >= 0, got {bad}")
         self.task = task or SyntheticTaskConfig()
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.data_seed = data_seed

@@ -13,6 +13,9 @@ for key, value in {
     "TRANSFORMERS_OFFLINE": "1",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # vLLM (in .venv-vllm) would otherwise report usage statistics over the network.
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
 }.items():
     os.environ[key] = value
 

@@ -231,3 +231,57 @@ def handmade_rollout(batch, group, lengths, advantages=None, seed=0, pad_token_i
         group_size=group,
         batch=batch,
     )
+
+
+# ----------------------------------------------------------------------------- rollout engines
+
+
+def supervised_step(policy, batch, lr):
+    """One Adam step of the policy towards a fixed answer: large enough to change what greedy decoding says."""
+    import torch
+
+    from cppo_lightning.batch import ORIGINAL
+    from cppo_lightning.models.scoring import completion_logits
+    from cppo_lightning.objectives import token_logprobs
+
+    target = torch.tensor(
+        policy.processor.tokenizer("<think> I see 3 red shapes. </think> \\boxed{3}")["input_ids"]
+    )
+    completion = target.expand(len(batch), -1)
+    mask = torch.ones_like(completion, dtype=torch.bool)
+    optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=lr)
+    logits = completion_logits(policy.model, batch.model_inputs(ORIGINAL), completion, mask)
+    (-token_logprobs(logits, completion).mean()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def policy_logprobs(policy, batch, rows, generation, view="original"):
+    """[N, C] log-probs of a Generation's tokens re-scored by the policy under one image view."""
+    import torch
+
+    from cppo_lightning.models.scoring import completion_logits
+    from cppo_lightning.objectives import token_logprobs
+
+    ids, mask = generation.completion_ids, generation.completion_mask
+    with torch.no_grad():
+        return token_logprobs(completion_logits(policy.model, batch.model_inputs(view, rows), ids, mask), ids)
+
+
+def mean_gap(a, b, mask):
+    """Mean ``|a - b|`` over the True positions of ``mask``."""
+    return float(((a - b).abs() * mask).sum() / mask.sum())
+
+
+class SignalAtStep(pl.Callback):
+    """Sends ``signum`` to this process in the middle of RL step ``step`` (0-based), between the rollout
+    and the optimizer step: what a Ctrl+C or a scheduler's SIGTERM does at a random moment."""
+
+    def __init__(self, step: int = 1, signum: int = 2):
+        self.step, self.signum = step, signum
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        import os
+
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

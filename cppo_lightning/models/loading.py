@@ -79,6 +79,21 @@ class LoRAConfig:
     include_vision_tower: bool = False
     include_projector: bool = False
 
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.r, int) or self.r < 1:
+            problems.append(f"r must be an integer >= 1, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            problems.append(f"alpha must be > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        try:
+            re.compile(self.target_modules)
+        except (re.error, TypeError) as error:
+            problems.append(f"target_modules is not a valid regex: {self.target_modules!r} ({error})")
+        if problems:
+            raise ValueError("lora: " + "; ".join(problems))
+
     def target_regex(self) -> str:
         """The union of the configured targets as one regex."""
         parts = [self.target_modules]
@@ -120,6 +135,22 @@ class PolicyConfig:
     bnb_4bit_double_quant: bool = True
     revision: str | None = None
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked before anything is loaded (a bad value would otherwise surface minutes later).
+        problems = []
+        if not str(self.model_name_or_path or "").strip():
+            problems.append("model_name_or_path is empty")
+        if self.finetuning not in ("lora", "qlora", "full"):
+            problems.append(f"finetuning must be 'lora', 'qlora' or 'full', got {self.finetuning!r}")
+        for name in ("dtype", "bnb_4bit_compute_dtype"):
+            value = getattr(self, name)
+            if value != "auto" and value not in _DTYPES and not isinstance(value, torch.dtype):
+                problems.append(f"{name} {value!r} is not one of 'auto', {sorted(_DTYPES)}")
+        if isinstance(self.lora, dict):  # from a checkpoint's plain hyperparameters
+            self.lora = LoRAConfig(**self.lora)
+        if problems:
+            raise ValueError("policy: " + "; ".join(problems))
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:

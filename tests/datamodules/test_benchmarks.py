@@ -110,7 +110,9 @@ def test_a_column_the_config_names_must_exist(local_copies):
 
 def test_the_data_module_makes_one_test_loader_per_benchmark(local_copies, tiny_qwen):
     benchmarks = [shipped(stem, local_copies[stem]) for stem in ("wemath", "mathvista")]
-    dm = BenchmarkDataModule(benchmarks=benchmarks, processor_name_or_path=str(tiny_qwen), eval_batch_size=8)
+    dm = BenchmarkDataModule(
+        benchmarks=benchmarks, processor_name_or_path=str(tiny_qwen), eval_batch_size=8, max_skip_fraction=0.5
+    )  # MathVista's fixture skips one example of four on purpose
     dm.setup("test")
     assert dm.eval_names["test"] == ["WeMath", "MathVista"]
     loaders = dm.test_dataloader()

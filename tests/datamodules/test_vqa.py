@@ -255,8 +255,15 @@ def test_bad_examples_are_counted_logged_and_odd_modes_converted(tiny_qwen, tmp_
         ("good-2", {}),
     ]
     source = write_bad_jsonl(tmp_path / "bad", cases)
+    # 8 of 13 skipped on purpose: above the default max_skip_fraction (0.2), which would stop set-up.
     dm = datamodule(
-        source, tiny_qwen, prompt_template="{question}", max_prompt_tokens=80, batch_size=5, shuffle=False
+        source,
+        tiny_qwen,
+        prompt_template="{question}",
+        max_prompt_tokens=80,
+        batch_size=5,
+        shuffle=False,
+        max_skip_fraction=1.0,
     )
     with caplog.at_level(logging.WARNING, logger="datamodules.vqa"):
         dm.setup("fit")
@@ -334,7 +341,9 @@ def test_truncated_bytes_embedded_in_parquet_are_a_counted_skip(tiny_qwen, tmp_p
         }
     )
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "cut.parquet"))
-    dm = datamodule(DataSource(path=str(tmp_path / "cut.parquet")), tiny_qwen, batch_size=1)
+    dm = datamodule(
+        DataSource(path=str(tmp_path / "cut.parquet")), tiny_qwen, batch_size=1, max_skip_fraction=0.5
+    )
     with caplog.at_level(logging.WARNING, logger="datamodules.vqa"):
         dm.setup("fit")
     expected = "train:cut-train: kept 1 of 2 examples; skipped 1 unreadable image (e.g. cut)"

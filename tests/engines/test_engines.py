@@ -1,0 +1,168 @@
+"""The rollout-engine seam, without vLLM: the module's contract with any engine, options, bad input."""
+
+import csv
+import importlib.util
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from cli import lightning_cli
+from cppo_lightning.batch import ORIGINAL
+from cppo_lightning.engines import Generation, HFEngine, VLLMConfig, sampler_logprob_mismatch
+from cppo_lightning.models import LoRAConfig, PolicyConfig, load_policy
+from cppo_lightning.models.scoring import completion_logits
+from cppo_lightning.module import CPPOModule
+from cppo_lightning.objectives import GRPO, token_logprobs
+from helpers import ROOT, HandWrittenDataModule, demo_args, small_module
+
+VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
+
+
+def test_mismatch_is_the_mean_absolute_gap_over_response_tokens():
+    sampler = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    policy = torch.tensor([[-1.5, -2.0, -9.0], [-0.25, -7.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    # Response tokens: |-1 + 1.5| = 0.5, |-2 + 2| = 0, |-0.5 + 0.25| = 0.25 -> 0.75 / 3; padding ignored.
+    assert sampler_logprob_mismatch(sampler, policy, mask).item() == pytest.approx(0.25)
+    assert sampler_logprob_mismatch(sampler, policy, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_generation_rejects_shapes_that_do_not_line_up():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="completion_mask"):
+        Generation(ids, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="sampler_logprobs"):
+        Generation(ids, torch.ones(2, 3, dtype=torch.bool), torch.zeros(3, 3))
+
+
+class ShiftedSampler:
+    """An engine whose sampler is not the policy: HF samples, log-probs reported ``shift`` off the policy's.
+
+    It counts ``sync`` calls and records the policy's parameters at each ``generate``.
+    """
+
+    samples_from_policy = False
+
+    def __init__(self, shift):
+        self.shift = shift
+        self.hf = HFEngine()
+        self.syncs = 0
+        self.calls = []
+
+    def generate(self, policy, batch, example_rows, config, seed):
+        generation = self.hf.generate(policy, batch, example_rows, config, seed)
+        ids, mask = generation.completion_ids, generation.completion_mask
+        with torch.no_grad():
+            logits = completion_logits(policy.model, batch.model_inputs(ORIGINAL, example_rows), ids, mask)
+            policy_logprobs = token_logprobs(logits, ids, temperature=config.temperature)
+        self.calls.append((len(example_rows), seed, self.syncs))
+        generation.sampler_logprobs = (policy_logprobs + self.shift) * generation.completion_mask
+        return generation
+
+    def sync(self, policy):
+        self.syncs += 1
+
+
+def fit(module, tiny_qwen, steps, save_dir=None):
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=pl.loggers.CSVLogger(save_dir) if save_dir else False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(module, datamodule=HandWrittenDataModule(tiny_qwen, count=4, batch_size=2))
+    return trainer
+
+
+def test_a_sampler_that_is_not_the_policy_is_synced_and_measured(tiny_qwen, tmp_path):
+    # 2 prompts x G=4 per step, one optimizer step per rollout.
+    module = small_module(tiny_qwen, objective=GRPO(beta=0.0))
+    module.configure_model()
+    engine = module.engine = ShiftedSampler(shift=0.125)
+    trainer = fit(module, tiny_qwen, 3, tmp_path)
+    assert trainer.global_step == 3 and engine.syncs == 3  # one sync after every optimizer step
+    # Each training rollout (8 rows) came after the sync of the previous rollout's step.
+    assert [syncs for rows, _, syncs in engine.calls if rows == 8] == [0, 1, 2]
+    # The logged gap is exactly the shift only if lp_old was scored with the policy, not the sampler.
+    (metrics,) = list(tmp_path.rglob("metrics.csv"))
+    rows = list(csv.DictReader(metrics.open()))
+    mismatches = [
+        float(row["train/sampler_logprob_mismatch"]) for row in rows if row["train/sampler_logprob_mismatch"]
+    ]
+    assert mismatches == [pytest.approx(0.125, abs=1e-5)] * 3
+
+
+def test_seeds_handed_to_the_engine_are_reproducible_and_differ_per_step(tiny_qwen):
+    def run():
+        module = small_module(tiny_qwen)
+        module.configure_model()
+        module.engine = ShiftedSampler(shift=0.0)
+        fit(module, tiny_qwen, 2)
+        return [seed for rows, seed, _ in module.engine.calls if rows == 8]
+
+    first = run()
+    assert first == run() and len(set(first)) == 2
+
+
+def test_engine_options_come_from_yaml_and_survive_a_checkpoint():
+    cli = lightning_cli(
+        [
+            "--config",
+            str(ROOT / "configs" / "demo" / "grpo.yaml"),
+            "--model.rollout.engine",
+            "vllm",
+            "--model.rollout.vllm.gpu_memory_utilization",
+            "0.4",
+            "--model.rollout.vllm.max_model_len",
+            "2048",
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
+    rollout = cli.model.rollout_config
+    assert rollout.engine == "vllm"
+    assert rollout.vllm == VLLMConfig(gpu_memory_utilization=0.4, max_model_len=2048)
+    # load_from_checkpoint passes the saved hyperparameters back as plain dicts.
+    restored = CPPOModule(rollout=cli.model.hparams["rollout"])
+    assert restored.rollout_config == rollout
+
+
+def test_bad_engine_options_are_named(capsys):
+    config = str(ROOT / "configs" / "demo" / "grpo.yaml")
+    with pytest.raises(SystemExit):
+        lightning_cli(["--config", config, "--model.rollout.engine", "vlm"], run=False)
+    assert "vlm" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        VLLMConfig(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="sleep_level"):
+        VLLMConfig(sleep_level=3)
+
+
+@pytest.mark.skipif(VLLM_INSTALLED, reason="vLLM is installed here: the error for its absence cannot occur")
+def test_vllm_engine_without_vllm_names_the_extra(tiny_qwen, tmp_path):
+    with pytest.raises(ImportError, match=r"cppo-lightning\[vllm\]"):
+        lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 1, "--model.rollout.engine", "vllm"))
+
+
+@pytest.mark.parametrize(
+    "lora, named",
+    [
+        ({"include_vision_tower": True}, "model.policy.lora.include_vision_tower to false"),
+        ({"include_projector": True}, "model.policy.lora.include_projector to false"),
+        # A plain name list reaches the vision MLP too (model.visual.blocks.N.mlp.gate_proj).
+        ({"target_modules": r".*\.(q_proj|gate_proj)"}, "model.policy.lora.target_modules"),
+    ],
+    ids=["vision-tower", "projector", "target-regex"],
+)
+def test_a_vision_lora_is_refused_at_start_up(tiny_qwen, lora, named):
+    from cppo_lightning.engines.vllm import VLLMEngine
+
+    policy = load_policy(PolicyConfig(str(tiny_qwen), lora=LoRAConfig(**lora)), reference=False)
+    with pytest.raises(ValueError, match="language model only") as error:
+        VLLMEngine(policy, VLLMConfig())
+    assert named in str(error.value) and "visual" in str(error.value)

@@ -1,0 +1,128 @@
+"""Runs that resume: `cppo fit --ckpt_path last` / `--resume RUN_DIR` continue the same run folder and
+metrics file from the newest complete checkpoint, and end where an uninterrupted run ends."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from cli import lightning_cli
+from helpers import VARIED_REWARD, demo_args
+
+EVERY_STEP = json.dumps(
+    [
+        {
+            "class_path": "callbacks.AtomicCheckpoint",
+            "init_args": {"save_last": True, "every_n_train_steps": 1},
+        },
+        {"class_path": "callbacks.AdapterExport"},
+        {"class_path": "callbacks.PreemptionCheckpoint"},
+    ]
+)
+
+
+def fit_args(model, save_dir, steps, *extra):
+    # GRPO, the cheapest objective, with a reward that varies (so every step changes the adapters);
+    # validation every 2 steps so that resumed runs cross a validation.
+    return demo_args(
+        "grpo",
+        model,
+        save_dir,
+        steps,
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.callbacks",
+        EVERY_STEP,
+        *VARIED_REWARD,
+        *extra,
+    )
+
+
+def rows(run):
+    """metrics.csv without the wall-clock columns (timings differ between any two runs)."""
+    with open(run / "metrics.csv") as handle:
+        return [
+            {key: value for key, value in row.items() if not key.startswith(("time/", "throughput/"))}
+            for row in csv.DictReader(handle)
+        ]
+
+
+def trained(checkpoint):
+    return torch.load(checkpoint, weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_qwen, tmp_path_factory):
+    """An uninterrupted 4-step run: what every resumed run must reproduce."""
+    save_dir = tmp_path_factory.mktemp("straight")
+    lightning_cli(fit_args(tiny_qwen, save_dir, 4))
+    return save_dir / "grpo" / "version_0"
+
+
+def test_a_crashed_run_continues_in_its_folder_and_ends_like_an_uninterrupted_one(
+    tiny_qwen, tmp_path, straight, capsys
+):
+    lightning_cli(fit_args(tiny_qwen, tmp_path, 2))  # a run that stopped at step 2 (its last checkpoint)
+    run = tmp_path / "grpo" / "version_0"
+    capsys.readouterr()
+    cli = lightning_cli(fit_args(tiny_qwen, tmp_path, 3, "--ckpt_path", "last"))
+
+    # The same folder: no version_1, and it says what it resumed.
+    assert sorted(p.name for p in (tmp_path / "grpo").iterdir()) == ["version_0"]
+    assert cli.resumption.run_dir == run and cli.resumption.checkpoint == run / "checkpoints" / "last.ckpt"
+    assert cli.resumption.step == 2 and cli.trainer.global_step == 3
+    assert f"resuming {run} from last.ckpt (global step 2)" in capsys.readouterr().out
+    # One metrics file, each step once (validation after steps 2 and 4, logged at steps 1 and 3).
+    assert [row["step"] for row in rows(run)] == ["0", "1", "1", "2"]
+
+    # Then what a non-atomic writer leaves when the disk fills or the job dies mid-write: a truncated file.
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    # `--resume RUN_DIR` without --config: the run folder's own config.yaml, with one override.
+    cli = lightning_cli(["fit", "--resume", str(run), "--trainer.max_steps", "4"])
+    assert cli.resumption.passed_over[0][0] == last and "truncated" in cli.resumption.passed_over[0][1]
+    assert cli.resumption.checkpoint.name == "epoch=0-step=3.ckpt" and cli.resumption.step == 3
+    assert cli.trainer.global_step == 4 and cli.trainer.log_dir == str(run)
+
+    # Twice interrupted, it ends with the rows and the parameters of the uninterrupted run
+    # (CPU runs are deterministic for a seed).
+    resumed, expected = rows(run), rows(straight)
+    assert [row["step"] for row in resumed] == ["0", "1", "1", "2", "3", "3"]
+    assert resumed == expected
+    assert float([row for row in resumed if row["train/grad_norm"]][-1]["train/grad_norm"]) > 0  # it trained
+    final, reference = (
+        trained(run / "checkpoints" / "last.ckpt"),
+        trained(straight / "checkpoints" / "last.ckpt"),
+    )
+    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
+
+
+def test_ckpt_path_last_without_any_checkpoint_starts_a_new_run(tiny_qwen, tmp_path, capsys):
+    cli = lightning_cli(fit_args(tiny_qwen, tmp_path, 1, "--ckpt_path", "last"))
+    assert cli.resumption.checkpoint is None and cli.trainer.global_step == 1
+    assert "no complete checkpoint found" in capsys.readouterr().out
+
+
+def test_an_explicit_incomplete_checkpoint_is_refused_naming_it(tmp_path, tiny_qwen):
+    broken = tmp_path / "cut.ckpt"
+    broken.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(SystemExit, match=r"cut.ckpt is incomplete: truncated or corrupt"):
+        lightning_cli(fit_args(tiny_qwen, tmp_path, 1, "--ckpt_path", str(broken)))
+
+
+def test_the_readme_validate_command_uses_what_the_run_trained_on(tiny_qwen, straight, tmp_path):
+    # README: cppo validate --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt
+    cli = lightning_cli(
+        [
+            "validate",
+            "--config",
+            str(straight / "config.yaml"),
+            "--ckpt_path",
+            str(straight / "checkpoints" / "last.ckpt"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
+    assert cli.model.policy_config.model_name_or_path == str(tiny_qwen)
+    assert "val/avg@2" in cli.trainer.callback_metrics
