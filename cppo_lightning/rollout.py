@@ -35,6 +35,9 @@ class RolloutConfig:
         top_p: nucleus sampling threshold (1.0: off).
         top_k: top-k sampling (0: off).
         max_new_tokens: completion length limit.
+        min_new_tokens: sample at least this many tokens (end-of-sequence tokens are masked until then);
+            equal to ``max_new_tokens``, every completion has exactly that length (benchmarks use this
+            to measure a given length with a random model). 0: no minimum.
         engine: what samples: ``"hf"`` (``generate`` on the trained policy) or ``"vllm"`` (vLLM colocated
             in the training process, synced after every optimizer step; needs the ``[vllm]`` extra).
         vllm: options of the vLLM engine (:class:`~cppo_lightning.engines.VLLMConfig`).
@@ -47,6 +50,7 @@ class RolloutConfig:
     max_new_tokens: int = 1024
     engine: Literal["hf", "vllm"] = "hf"
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         # From a checkpoint's hyperparameters the nested options arrive as a plain dict.
@@ -58,6 +62,12 @@ class RolloutConfig:
         problems = sampling_problems(
             self.samples_per_prompt, self.temperature, self.top_p, self.max_new_tokens, greedy=self._greedy
         )
+        limit = self.max_new_tokens if isinstance(self.max_new_tokens, int) else math.inf
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= limit:
+            problems.append(
+                f"min_new_tokens must be an integer in 0..max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens!r}"
+            )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if problems:
@@ -211,6 +221,8 @@ def generate(
     """
     sampling = config.temperature > 0
     kwargs = dict(do_sample=sampling, max_new_tokens=config.max_new_tokens, use_cache=True)
+    if config.min_new_tokens:
+        kwargs["min_new_tokens"] = config.min_new_tokens
     if sampling:
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
     sequences = model.generate(

@@ -365,6 +365,7 @@ class VLLMEngine:
                     top_p=config.top_p,
                     top_k=config.top_k,
                     max_tokens=config.max_new_tokens,
+                    min_tokens=config.min_new_tokens,  # = max_tokens: every completion that long
                     # vLLM gives the i-th of the n samples seed + i.
                     seed=derived_seed(seed, "vllm", number) >> 8,
                     stop_token_ids=eos,

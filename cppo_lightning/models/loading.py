@@ -25,7 +25,7 @@ from cppo_lightning.architectures import (
     generic_architecture,
     vision_attributes,
 )
-from cppo_lightning.models.tiny import is_tiny_spec, resolve_tiny_spec
+from cppo_lightning.models.tiny import is_random_spec, is_tiny_spec, resolve_random_spec, resolve_tiny_spec
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ class PolicyConfig:
     """Which checkpoint to fine-tune, and how.
 
     Args:
-        model_name_or_path: hub id, local folder, or ``tiny:<architecture>-<size>`` (built offline).
+        model_name_or_path: hub id, local folder, ``tiny:<architecture>-<size>`` (built offline), or
+            ``random:<architecture>[@text_layers=N,...]`` (a released architecture with random weights).
         finetuning: ``"lora"``, ``"qlora"`` (4-bit NF4 base + LoRA) or ``"full"``.
         lora: adapter settings for ``lora``/``qlora``.
         dtype: weight dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"``.
@@ -158,7 +159,7 @@ class PolicyConfig:
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """Turn a model name into what ``from_pretrained`` takes, checking local paths exist.
 
-    ``tiny:`` specs are built (once) into the cache folder. A name that looks like a local path (starts
+    ``tiny:`` and ``random:`` specs are built (once) into the cache folder. A name that looks like a local path (starts
     with ``.``, ``/``, ``~`` or exists) must be an existing folder; anything else is a hub id.
 
     Raises:
@@ -167,6 +168,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     name = os.fspath(name_or_path)
     if is_tiny_spec(name):
         return str(resolve_tiny_spec(name))
+    if is_random_spec(name):
+        return str(resolve_random_spec(name))
     path = Path(name).expanduser()
     # Hub ids are "name" or "owner/name"; anything else that is path-like must exist locally.
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
@@ -257,6 +260,17 @@ def _disable_cpu_bf16_repacking(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def _contiguous_head_inputs(model: nn.Module) -> None:
+    # generate's first step applies the head to hidden[:, -1:], a strided 3D view; on the CPU PyTorch's
+    # matmul then copies the [vocab, hidden] weight once per row (a [rows, hidden, vocab] tensor: 2.5 GB
+    # and 40 s for 4 rows at Qwen2.5-VL's 151,936 x 2,048). A contiguous input takes the plain GEMM path.
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module):
+        head.register_forward_pre_hook(
+            lambda module, args: tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        )
+
+
 def load_model(config: PolicyConfig, device_map: str | dict | torch.device | None = None):
     """Load the base ``AutoModelForImageTextToText`` (4-bit under ``qlora``), without adapters.
 
@@ -301,6 +315,7 @@ def load_model(config: PolicyConfig, device_map: str | dict | torch.device | Non
         raise ValueError(f"{config.model_name_or_path!r} has no vision tower: not a vision-language model")
     if config.finetuning == "qlora":
         _disable_cpu_bf16_repacking(model)
+    _contiguous_head_inputs(model)
     return model
 
 
