@@ -188,12 +188,22 @@ class PositionScores:
 
 
 def _score_chunk(
-    head: LanguageModelHead, hidden: Tensor, tokens: Tensor, temperature: float, entropy: bool
-) -> tuple[Tensor, Tensor | None]:
+    head: LanguageModelHead,
+    hidden: Tensor,
+    tokens: Tensor,
+    temperature: float,
+    entropies: list[Tensor] | None,
+) -> Tensor:
+    """One chunk's log-probs; its entropies (no gradient) appended to ``entropies`` when given.
+
+    Under checkpointing this runs twice, in the forward and again in backward; the entropy is needed
+    once, so the recomputation (which finds ``entropies`` already filled) skips it.
+    """
     logits = head.logits(hidden)
     logprobs = log_softmax_at(logits, tokens, temperature)
-    entropies = softmax_entropy(logits.detach(), temperature) if entropy else None
-    return logprobs, entropies
+    if entropies is not None and not entropies:
+        entropies.append(softmax_entropy(logits.detach(), temperature))
+    return logprobs
 
 
 def score_positions(
@@ -227,14 +237,16 @@ def score_positions(
     logprobs, entropies = [], []
     for start in range(0, hidden.shape[0], step):
         part = (hidden[start : start + step], tokens[start : start + step])
+        found: list[Tensor] | None = [] if entropy else None
         if differentiable:
-            lp, h = checkpoint(
-                _score_chunk, head, *part, temperature, entropy, use_reentrant=False, preserve_rng_state=False
+            lp = checkpoint(
+                _score_chunk, head, *part, temperature, found, use_reentrant=False, preserve_rng_state=False
             )
         else:
-            lp, h = _score_chunk(head, *part, temperature, entropy)
+            lp = _score_chunk(head, *part, temperature, found)
         logprobs.append(lp)
-        entropies.append(h)
+        if found is not None:
+            entropies.append(found[0])
     if not logprobs:
         empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
         return PositionScores(empty, empty if entropy else None)
