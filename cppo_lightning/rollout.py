@@ -41,6 +41,11 @@ class RolloutConfig:
         engine: what samples: ``"hf"`` (``generate`` on the trained policy) or ``"vllm"`` (vLLM colocated
             in the training process, synced after every optimizer step; needs the ``[vllm]`` extra).
         vllm: options of the vLLM engine (:class:`~cppo_lightning.engines.VLLMConfig`).
+        generation_rollouts: at most this many rollouts per ``generate`` call of the ``hf`` engine (None:
+            the whole batch in one call). Generation holds a KV cache for every row it decodes, so this
+            bounds generation memory the way ``update.max_tokens_per_forward`` bounds the update's; the
+            completions of several calls are padded to one length. vLLM schedules its own batches within
+            ``vllm.kv_cache_memory_gb``, so this is refused with ``engine: vllm``.
     """
 
     samples_per_prompt: int = 5
@@ -51,6 +56,7 @@ class RolloutConfig:
     engine: Literal["hf", "vllm"] = "hf"
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     min_new_tokens: int = 0
+    generation_rollouts: int | None = None
 
     def __post_init__(self) -> None:
         # From a checkpoint's hyperparameters the nested options arrive as a plain dict.
@@ -70,6 +76,16 @@ class RolloutConfig:
             )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if self.generation_rollouts is not None:
+            if not isinstance(self.generation_rollouts, int) or self.generation_rollouts < 1:
+                problems.append(
+                    f"generation_rollouts must be an integer >= 1 or null, got {self.generation_rollouts!r}"
+                )
+            elif self.engine == "vllm":
+                problems.append(
+                    "generation_rollouts applies to engine: hf; vLLM batches within vllm.kv_cache_memory_gb "
+                    "(set generation_rollouts: null)"
+                )
         if problems:
             raise ValueError("rollout: " + "; ".join(problems))
 
