@@ -547,6 +547,8 @@ def config_sizes(config: dict, prompt_text_tokens: float) -> dict:
     new_tokens = model["rollout"].get("max_new_tokens", 1024)
     visual = (data.get("max_pixels") or 401408) // PIXELS_PER_VISUAL_TOKEN
     rows = prompts * group
+    # The HF engine generates in calls of at most `generation_rollouts` rows: the KV cache holds one call's.
+    generated = min(rows, model["rollout"].get("generation_rollouts") or rows)
     prompt = int(round(visual + prompt_text_tokens))
     objective = Objective.from_config(model["objective"])
     rewards = torch.tensor(alternating_reward([""] * rows, [""] * rows, [""] * rows))
@@ -569,7 +571,7 @@ def config_sizes(config: dict, prompt_text_tokens: float) -> dict:
         "visual_tokens": visual,
         "prompt_tokens": prompt,
         "tokens": {
-            "rollout": float(rows * (prompt + new_tokens)),
+            "rollout": float(generated * (prompt + new_tokens)),
             **{k: float(v) for k, v in largest.items()},
         },
     }

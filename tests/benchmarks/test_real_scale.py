@@ -146,9 +146,12 @@ def test_estimate_at_other_sizes_splits_what_grows_with_tokens_and_layers():
 
 def test_config_sizes_plan_the_shipped_qlora_step():
     config = real_scale.load_config(real_scale.DEFAULT_CONFIG)
-    # 512 visual tokens + 88 text tokens: rows of 600 + 1,024 = 1,624 tokens, 80 rollouts.
+    # 512 visual tokens + 88 text tokens: rows of 600 + 1,024 = 1,624 tokens, 80 rollouts generated in
+    # calls of 40 (generation_rollouts): the KV cache holds 40 rows.
     sizes = real_scale.config_sizes(config, 88)
-    assert sizes["tokens"]["rollout"] == 80 * 1624
+    assert sizes["tokens"]["rollout"] == 40 * 1624
+    config["model"]["rollout"]["generation_rollouts"] = None
+    assert real_scale.config_sizes(config, 88)["tokens"]["rollout"] == 80 * 1624
     # No-grad scoring: 5 rows fill the 8,192-token budget (8,120; a sixth would need 9,744).
     assert sizes["tokens"]["reference"] == 5 * 1624
     # CPPO's gradient pass: rows alternate A > 0 (three stacked views) and A <= 0 (one): 3 + 1 rows = 6,496,
