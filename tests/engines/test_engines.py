@@ -168,7 +168,9 @@ def test_a_vision_lora_is_refused_at_start_up(tiny_qwen, lora, named):
     assert named in str(error.value) and "visual" in str(error.value)
 
 
-def test_generation_in_calls_of_at_most_generation_rollouts_rows_gives_the_same_completions(vllm_model, prompts):
+def test_generation_in_calls_of_at_most_generation_rollouts_rows_gives_the_same_completions(
+    vllm_model, prompts
+):
     """8 rows in calls of 3, 3 and 2 decode greedily to the one-call result, padding included.
 
     One token greedy decoding often picks is made an end-of-sequence token, so rows end at different
@@ -202,7 +204,9 @@ def test_generation_in_calls_of_at_most_generation_rollouts_rows_gives_the_same_
     )
     assert calls == [3, 3, 2]
     assert torch.equal(split.completion_mask, whole.completion_mask)
-    assert torch.equal(split.completion_ids[split.completion_mask], whole.completion_ids[whole.completion_mask])
+    assert torch.equal(
+        split.completion_ids[split.completion_mask], whole.completion_ids[whole.completion_mask]
+    )
 
 
 def eos_and_pad_ids(config):
