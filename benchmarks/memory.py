@@ -7,6 +7,8 @@ which is what ``torch.cuda.max_memory_allocated`` measures on a GPU.
 
     from memory import peak_tensor_memory
     result, peak_bytes = peak_tensor_memory(lambda: loss_and_backward(...), device)
+
+or, around a block, ``with TensorMemory(device) as meter: ...`` then ``meter.peak``.
 """
 
 from __future__ import annotations
@@ -29,26 +31,59 @@ def peak_tensor_memory(fn: Callable[[], T], device: torch.device | str = "cpu") 
         fn: the call to measure.
         device: where its tensors live (``"cuda"``: allocator statistics; otherwise the CPU profiler).
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    with TensorMemory(device) as meter:
         result = fn()
-        torch.cuda.synchronize(device)
-        return result, torch.cuda.max_memory_allocated(device) - start
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    return result, meter.peak
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = [
-        event
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type() == DeviceType.CPU
-    ]
-    live = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):
-        live += event.nbytes()  # negative for a free
-        peak = max(peak, live)
-    return result, peak
+
+class TensorMemory:
+    """The same measurement as :func:`peak_tensor_memory`, around a block::
+
+        with TensorMemory(device) as meter:
+            ...
+        meter.peak      # bytes above what was allocated when the block started
+        meter.start     # bytes allocated when it started (CUDA only; None on the CPU)
+        meter.reserved  # the allocator's peak reservation during the block (CUDA only)
+
+    Blocks must not nest (CUDA resets the peak statistics; the CPU profiler does not nest).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.peak = 0
+        self.start: int | None = None
+        self.reserved: int | None = None
+        self._profile = None
+
+    def __enter__(self) -> TensorMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+            self.reserved = torch.cuda.max_memory_reserved(self.device)
+            return
+        from torch.autograd import DeviceType
+
+        self._profile.__exit__(*exc_info)
+        events = [
+            event
+            for event in self._profile.profiler.kineto_results.events()
+            if event.name() == "[memory]" and event.device_type() == DeviceType.CPU
+        ]
+        live = peak = 0
+        for event in sorted(events, key=lambda event: event.start_ns()):
+            live += event.nbytes()  # negative for a free
+            peak = max(peak, live)
+        self.peak = peak
+        self._profile = None

@@ -20,6 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# The processor outputs laid out along the token axis (everything else a processor returns is a vision
+# input), and the tile-axis vision inputs: the architecture table's, re-exported here.
+from cppo_lightning.architectures import TEXT_KEYS as TEXT_KEYS
+from cppo_lightning.architectures import TILE_KEYS
+
 #: The image views, in the paper's terms: ``I``, ``I+`` (information-preserving), ``I-``
 #: (information-removing), and PAPO's patch-masked view.
 ORIGINAL = "original"
@@ -27,9 +32,6 @@ PRESERVING = "preserving"
 REMOVING = "removing"
 MASKED = "masked"
 VIEW_NAMES = (ORIGINAL, PRESERVING, REMOVING, MASKED)
-
-#: Processor outputs laid out along the token axis; everything else a processor returns is a vision input.
-TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 @dataclass
@@ -60,6 +62,11 @@ class EncodedPrompt:
 def concat_vision_inputs(parts: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     """Concatenate per-example vision inputs along dim 0.
 
+    Tile-axis inputs (the architecture table's ``tile_keys``: Idefics3's ``pixel_values``
+    ``[1, tiles, 3, H, W]`` and ``pixel_attention_mask`` ``[1, tiles, H, W]``) of examples with different
+    tile counts are zero-padded along dim 1 first, as the processor pads a batch of its own: the model
+    skips all-zero tiles.
+
     Raises:
         ValueError: the examples have different keys or shapes that cannot be concatenated.
     """
@@ -69,6 +76,8 @@ def concat_vision_inputs(parts: Sequence[Mapping[str, Tensor]]) -> dict[str, Ten
     result = {}
     for key in keys:
         tensors = [part[key] for part in parts]
+        if key in TILE_KEYS:
+            tensors = _pad_tiles(tensors)
         try:
             result[key] = torch.cat(tensors, dim=0)
         except (RuntimeError, KeyError) as error:
@@ -77,6 +86,21 @@ def concat_vision_inputs(parts: Sequence[Mapping[str, Tensor]]) -> dict[str, Ten
                 f"vision input {key!r} cannot be batched, per-example shapes {shapes}: {error}"
             ) from None
     return result
+
+
+def _pad_tiles(tensors: list[Tensor]) -> list[Tensor]:
+    """Zero-pad ``[n, tiles, ...]`` tensors along dim 1 to the largest tile count (other dims must agree)."""
+    if len({t.dim() for t in tensors}) != 1 or tensors[0].dim() < 3:
+        return tensors
+    if len({t.shape[1] for t in tensors}) == 1 or len({t.shape[2:] for t in tensors}) != 1:
+        return tensors  # nothing to pad, or tiles of different sizes (concatenation names the shapes)
+    tiles = max(t.shape[1] for t in tensors)
+    return [
+        torch.cat([t, t.new_zeros((t.shape[0], tiles - t.shape[1], *t.shape[2:]))], dim=1)
+        if t.shape[1] < tiles
+        else t
+        for t in tensors
+    ]
 
 
 @dataclass

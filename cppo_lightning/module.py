@@ -20,8 +20,8 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,6 +239,8 @@ class CPPOModule(pl.LightningModule):
         self.last_eval_rollout: Rollout | None = None
         # Counts reference passes (a test checks that beta = 0 runs none).
         self.reference_forwards = 0
+        #: Seconds of each phase of the last RL step (see :meth:`phase`).
+        self.phase_seconds: dict[str, float] = {}
         self._validated_batch_size: int | None = None
         self._reduce = None
         self._validate_sizes()
@@ -364,14 +366,31 @@ class CPPOModule(pl.LightningModule):
             self._validate_sizes(len(batch))
             self._validated_batch_size = len(batch)
         step_seed = derived_seed(self.seed, self.global_rank, self.global_step, "train")
+        self.phase_seconds = {}
         with seeded(step_seed, self.device):
             started = time.perf_counter()
-            rollout = self.rollout(batch)
+            with self.phase("rollout"):
+                rollout = self.rollout(batch)
             rolled = time.perf_counter()
             statistics = self.update(batch, rollout)
             finished = time.perf_counter()
         self.last_rollout = rollout
         self._log_training(rollout, statistics, rolled - started, finished - rolled)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """One phase of the RL step, timed into :attr:`phase_seconds` and logged as ``time/<name>_s``.
+
+        The phases run one after another, never nested: ``rollout`` (sampling and rewards),
+        ``reference`` (the update's no-grad scoring before any gradient: reference, old-policy and
+        frozen-view log-probs) and ``gradient`` (forwards, backwards and optimizer steps). Subclasses
+        may extend it, e.g. to measure memory per phase (``benchmarks/real_scale.py``).
+        """
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - started
 
     def scorer(self, batch: PromptBatch, rollout: Rollout, optimizer_steps: int = 1) -> RolloutScorer:
         """The scorer of one rollout batch, with the no-grad scores the update reads computed.
@@ -419,18 +438,20 @@ class CPPOModule(pl.LightningModule):
         update, group = self.update_config, rollout.group_size
         mini_rows = (update.mini_batch_prompts or len(batch)) * group
         optimizer_steps = update.ppo_epochs * (len(rollout) // mini_rows)
-        scorer = self.scorer(batch, rollout, optimizer_steps)
+        with self.phase("reference"):
+            scorer = self.scorer(batch, rollout, optimizer_steps)
         scheduler = self.lr_schedulers()
         statistics = _StepStatistics()
-        for epoch in range(update.ppo_epochs):
-            order = torch.arange(len(rollout))
-            if update.shuffle:
-                order = order[torch.randperm(len(rollout), device="cpu")]
-            for start in range(0, len(rollout), mini_rows):
-                rows = order[start : start + mini_rows].tolist()
-                self._optimizer_step(scorer, rows, statistics, record=epoch == 0)
-                if scheduler is not None:
-                    scheduler.step()
+        with self.phase("gradient"):
+            for epoch in range(update.ppo_epochs):
+                order = torch.arange(len(rollout))
+                if update.shuffle:
+                    order = order[torch.randperm(len(rollout), device="cpu")]
+                for start in range(0, len(rollout), mini_rows):
+                    rows = order[start : start + mini_rows].tolist()
+                    self._optimizer_step(scorer, rows, statistics, record=epoch == 0)
+                    if scheduler is not None:
+                        scheduler.step()
         statistics.forwards = scorer.forwards
         return statistics
 
@@ -624,6 +645,9 @@ class CPPOModule(pl.LightningModule):
         timing = {
             "time/rollout_s": rollout_time,
             "time/update_s": update_time,
+            # The update's two parts: its no-grad scoring (reference/old policy) and the gradient pass.
+            "time/reference_s": self.phase_seconds.get("reference", 0.0),
+            "time/gradient_s": self.phase_seconds.get("gradient", 0.0),
             "throughput/generated_tokens_per_s": float(lengths.sum()) / max(rollout_time, 1e-9),
             "throughput/update_rollouts_per_s": len(rollout) / max(update_time, 1e-9),
         }

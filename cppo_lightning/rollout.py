@@ -35,9 +35,17 @@ class RolloutConfig:
         top_p: nucleus sampling threshold (1.0: off).
         top_k: top-k sampling (0: off).
         max_new_tokens: completion length limit.
+        min_new_tokens: sample at least this many tokens (end-of-sequence tokens are masked until then);
+            equal to ``max_new_tokens``, every completion has exactly that length (benchmarks use this
+            to measure a given length with a random model). 0: no minimum.
         engine: what samples: ``"hf"`` (``generate`` on the trained policy) or ``"vllm"`` (vLLM colocated
             in the training process, synced after every optimizer step; needs the ``[vllm]`` extra).
         vllm: options of the vLLM engine (:class:`~cppo_lightning.engines.VLLMConfig`).
+        generation_rollouts: at most this many rollouts per ``generate`` call of the ``hf`` engine (None:
+            the whole batch in one call). Generation holds a KV cache for every row it decodes, so this
+            bounds generation memory the way ``update.max_tokens_per_forward`` bounds the update's; the
+            completions of several calls are padded to one length. vLLM schedules its own batches within
+            ``vllm.kv_cache_memory_gb``, so this is refused with ``engine: vllm``.
     """
 
     samples_per_prompt: int = 5
@@ -47,6 +55,8 @@ class RolloutConfig:
     max_new_tokens: int = 1024
     engine: Literal["hf", "vllm"] = "hf"
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    min_new_tokens: int = 0
+    generation_rollouts: int | None = None
 
     def __post_init__(self) -> None:
         # From a checkpoint's hyperparameters the nested options arrive as a plain dict.
@@ -58,8 +68,24 @@ class RolloutConfig:
         problems = sampling_problems(
             self.samples_per_prompt, self.temperature, self.top_p, self.max_new_tokens, greedy=self._greedy
         )
+        limit = self.max_new_tokens if isinstance(self.max_new_tokens, int) else math.inf
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= limit:
+            problems.append(
+                f"min_new_tokens must be an integer in 0..max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens!r}"
+            )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if self.generation_rollouts is not None:
+            if not isinstance(self.generation_rollouts, int) or self.generation_rollouts < 1:
+                problems.append(
+                    f"generation_rollouts must be an integer >= 1 or null, got {self.generation_rollouts!r}"
+                )
+            elif self.engine == "vllm":
+                problems.append(
+                    "generation_rollouts applies to engine: hf; vLLM batches within vllm.kv_cache_memory_gb "
+                    "(set generation_rollouts: null)"
+                )
         if problems:
             raise ValueError("rollout: " + "; ".join(problems))
 
@@ -211,6 +237,8 @@ def generate(
     """
     sampling = config.temperature > 0
     kwargs = dict(do_sample=sampling, max_new_tokens=config.max_new_tokens, use_cache=True)
+    if config.min_new_tokens:
+        kwargs["min_new_tokens"] = config.min_new_tokens
     if sampling:
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
     sequences = model.generate(

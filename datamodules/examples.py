@@ -48,8 +48,11 @@ class ExampleError(ValueError):
 @dataclass
 class ImageLimits:
     """Pixel limits. Images are resized (aspect kept) so that ``min_pixels <= H * W <= max_pixels`` and
-    both sides are multiples of ``factor`` (the vision patch x merge size, 28 for Qwen2.5-VL); an image
-    smaller than one patch is upscaled.
+    both sides are multiples of ``factor``; an image smaller than one patch is upscaled. The DataModule
+    takes ``factor`` and the default bounds from the architecture table
+    (:meth:`cppo_lightning.architectures.Architecture.image_sizing`): patch x merge for
+    dynamic-resolution models (28 for Qwen2.5-VL, 32 for Qwen3-VL and Qwen3.5), 1 for models whose
+    processor resizes to a fixed size or tiles (LLaVA, Gemma 3, Idefics3).
     """
 
     min_pixels: int | None = None

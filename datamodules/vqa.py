@@ -52,6 +52,12 @@ _DEFAULT_VIEWS = (ORIGINAL, PRESERVING, REMOVING)
 _METADATA_TYPES = (str, int, float, bool)
 
 
+def _model_type(path: str) -> str | None:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(path), "model_type", None)
+
+
 class VQADataset(Dataset):
     """Checked examples of one source. Items are requested as ``(index, epoch)``: the views depend on both.
 
@@ -384,20 +390,22 @@ class VisualQADataModule(pl.LightningDataModule):
         return self.processor
 
     def image_limits(self) -> ImageLimits:
-        """Pixel limits: the configured ones, else the processor's (Qwen: ``shortest/longest_edge`` in pixels)."""
+        """Pixel limits: the configured ones, else the processor's, as the architecture table sizes images.
+
+        Dynamic-resolution models (Qwen): sides multiples of patch x merge, the processor's
+        ``shortest/longest_edge`` (areas in pixels) as bounds. Fixed-size and tiled ones (LLaVA, Gemma 3,
+        Idefics3): no rounding; only a configured ``max_pixels``/``min_pixels`` resizes.
+        """
+        from cppo_lightning.architectures import architecture
+        from cppo_lightning.models import resolve_model_path
+
         image_processor = self._load_processor().image_processor
-        size = getattr(image_processor, "size", None)
-        patch = getattr(image_processor, "patch_size", None) or 14
-        merge = getattr(image_processor, "merge_size", None) or 1
-        pixel_bounds = (
-            (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None))
-            if merge > 1
-            else (None, None)
-        )
+        arch = architecture(_model_type(resolve_model_path(self.processor_name_or_path)))
+        factor, low, high = arch.image_sizing(image_processor)
         return ImageLimits(
-            min_pixels=self.min_pixels if self.min_pixels is not None else pixel_bounds[0],
-            max_pixels=self.max_pixels if self.max_pixels is not None else pixel_bounds[1],
-            factor=patch * merge,
+            min_pixels=self.min_pixels if self.min_pixels is not None else low,
+            max_pixels=self.max_pixels if self.max_pixels is not None else high,
+            factor=factor,
         )
 
     def wanted_views(self) -> tuple[str, ...]:

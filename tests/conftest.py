@@ -45,3 +45,29 @@ def tiny_llava(tmp_path_factory):
 def tiny_vlm(request, tiny_qwen, tiny_llava):
     """Each tiny architecture in turn."""
     return {"qwen2_5_vl": tiny_qwen, "llava": tiny_llava}[request.param]
+
+
+#: The families beside Qwen2.5-VL and LLaVA (issue 16), each with a tiny builder; tests over "every
+#: family" take `tiny_family`, the per-family session folders are built on first use.
+NEW_FAMILIES = ("qwen3_vl", "qwen3_5", "gemma3", "idefics3")
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory):
+    """Builds (once per session, on first use) the tiny folder of a family: ``tiny_families(name)``."""
+    from cppo_lightning.models import build_tiny_vlm
+
+    built = {}
+
+    def folder(name):
+        if name not in built:
+            built[name] = build_tiny_vlm(tmp_path_factory.mktemp(f"tiny-{name}"), name, "smoke", seed=0)
+        return built[name]
+
+    return folder
+
+
+@pytest.fixture(params=NEW_FAMILIES)
+def tiny_family(request, tiny_families):
+    """Each newer family's tiny folder in turn (Qwen3-VL, Qwen3.5, Gemma 3, Idefics3/SmolVLM)."""
+    return tiny_families(request.param)

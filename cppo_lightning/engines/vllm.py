@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cppo_lightning.architectures import architecture_of
 from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.engines.base import Generation, device_of, eos_and_pad, suppressed_tokens
 from cppo_lightning.engines.config import VLLMConfig
@@ -74,9 +75,10 @@ def vision_lora_modules(policy: Policy) -> list[str]:
     """Names of the LoRA-adapted modules outside the language model (vision tower, projector)."""
     if not policy.uses_adapters:
         return []
+    arch = architecture_of(policy.unwrapped())
     names = []
     for name, module in policy.model.named_modules():
-        if hasattr(module, "lora_A") and ".language_model." not in f".{name}.":
+        if hasattr(module, "lora_A") and not arch.is_language_model(name):
             names.append(name)
     return names
 
@@ -120,7 +122,8 @@ class VLLMEngine:
 
     Raises:
         ImportError: vLLM is not installed.
-        ValueError: the LoRA adapter covers the vision tower or projector (vLLM's LoRA does not).
+        ValueError: the LoRA adapter covers the vision tower or projector (vLLM's LoRA does not), or the
+            architecture table does not mark the family as tested with vLLM (``Architecture.vllm``).
     """
 
     samples_from_policy = False
@@ -129,6 +132,13 @@ class VLLMEngine:
         self, policy: Policy, options: VLLMConfig | None = None, rollout: RolloutConfig | None = None
     ):
         self.options = options or VLLMConfig()
+        arch = architecture_of(policy.unwrapped())
+        if not arch.vllm:
+            raise ValueError(
+                f"model.rollout.engine: vllm is tested with Qwen2.5-VL only; {arch.name} ({arch.model_type}) "
+                "lays out its image tokens differently and its prompts have not been checked against vLLM's. "
+                "Sample with model.rollout.engine: hf."
+            )
         vision = vision_lora_modules(policy)
         if vision:
             lora = policy.config.lora
@@ -355,6 +365,7 @@ class VLLMEngine:
                     top_p=config.top_p,
                     top_k=config.top_k,
                     max_tokens=config.max_new_tokens,
+                    min_tokens=config.min_new_tokens,  # = max_tokens: every completion that long
                     # vLLM gives the i-th of the n samples seed + i.
                     seed=derived_seed(seed, "vllm", number) >> 8,
                     stop_token_ids=eos,

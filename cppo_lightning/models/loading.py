@@ -18,34 +18,21 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from cppo_lightning.models.tiny import is_tiny_spec, resolve_tiny_spec
+from cppo_lightning.architectures import (
+    Architecture,
+    architecture,
+    architecture_of,
+    generic_architecture,
+    vision_attributes,
+)
+from cppo_lightning.models.tiny import is_random_spec, is_tiny_spec, resolve_random_spec, resolve_tiny_spec
 
 log = logging.getLogger(__name__)
 
+# Every module path below comes from the architecture table (cppo_lightning/architectures.py).
 # The language model's attention and MLP projections. A bare name list would also hit the Qwen vision
-# MLP (`model.visual.blocks.N.mlp.gate_proj`), hence a regex anchored on `language_model`.
-LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-# Linear layers of the vision encoder (Qwen `model.visual.blocks`, CLIP/SigLIP `vision_tower`/`vision_model`).
-VISION_TOWER_TARGETS = (
-    r".*(visual\.blocks|vision_tower|vision_model)\..*"
-    r"\.(qkv|proj|q_proj|k_proj|v_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj)"
-)
-# Linear layers of the vision-language projector (Qwen `visual.merger`, LLaVA `multi_modal_projector`,
-# Idefics3 `connector`).
-PROJECTOR_TARGETS = r".*(visual\.merger|multi_modal_projector|connector)\..*"
-
-# Module paths kept in full precision under 4-bit quantization: the vision side and the output head.
-# (Any list replaces transformers' default that keeps `lm_head`, so it is listed again.)
-UNQUANTIZED_MODULES = [
-    "model.visual",
-    "model.vision_tower",
-    "model.vision_model",
-    "model.multi_modal_projector",
-    "model.connector",
-    "lm_head",
-]
-
-_VISION_ATTRIBUTES = ("visual", "vision_tower", "vision_model")
+# MLP (`model.visual.blocks.N.mlp.gate_proj`), hence a regex anchored on the language model's attribute.
+LANGUAGE_MODEL_TARGETS = architecture("qwen2_5_vl").lora_targets
 
 _DTYPES = {
     "float32": torch.float32,
@@ -67,7 +54,9 @@ class LoRAConfig:
         dropout: dropout on the adapter input. Keep 0 for RL: dropout makes ``pi_old`` and the
             re-scored ``pi`` differ even before any update.
         target_modules: regex (``re.fullmatch`` on module names) of the linear layers to adapt;
-            default: the language model's attention and MLP projections.
+            None (default): the language model's projections as the architecture table names them
+            (attention and MLP; Qwen3.5 adds its Gated DeltaNet projections; Idefics3's language model
+            is ``text_model``).
         include_vision_tower: also adapt the vision encoder's linear layers.
         include_projector: also adapt the vision-language projector.
     """
@@ -75,7 +64,7 @@ class LoRAConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: str = LANGUAGE_MODEL_TARGETS
+    target_modules: str | None = None
     include_vision_tower: bool = False
     include_projector: bool = False
 
@@ -88,19 +77,33 @@ class LoRAConfig:
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         try:
-            re.compile(self.target_modules)
+            if self.target_modules is not None:
+                re.compile(self.target_modules)
         except (re.error, TypeError) as error:
             problems.append(f"target_modules is not a valid regex: {self.target_modules!r} ({error})")
         if problems:
             raise ValueError("lora: " + "; ".join(problems))
 
-    def target_regex(self) -> str:
-        """The union of the configured targets as one regex."""
-        parts = [self.target_modules]
+    def target_regex(self, arch: Architecture | None = None) -> str:
+        """The union of the configured targets as one regex.
+
+        Args:
+            arch: the model's architecture (its table entry); None: the names most VLMs share.
+
+        Raises:
+            ValueError: ``include_projector`` for an architecture whose projector has no linear layer.
+        """
+        arch = arch or generic_architecture()
+        parts = [self.target_modules or arch.lora_targets]
         if self.include_vision_tower:
-            parts.append(VISION_TOWER_TARGETS)
+            parts.append(arch.vision_targets)
         if self.include_projector:
-            parts.append(PROJECTOR_TARGETS)
+            if arch.projector_targets is None:
+                raise ValueError(
+                    f"lora.include_projector: {arch.name}'s vision-language projector has no linear layer "
+                    "LoRA could adapt; set model.policy.lora.include_projector to false"
+                )
+            parts.append(arch.projector_targets)
         return "|".join(f"(?:{p})" for p in parts)
 
 
@@ -109,7 +112,8 @@ class PolicyConfig:
     """Which checkpoint to fine-tune, and how.
 
     Args:
-        model_name_or_path: hub id, local folder, or ``tiny:<architecture>-<size>`` (built offline).
+        model_name_or_path: hub id, local folder, ``tiny:<architecture>-<size>`` (built offline), or
+            ``random:<architecture>[@text_layers=N,...]`` (a released architecture with random weights).
         finetuning: ``"lora"``, ``"qlora"`` (4-bit NF4 base + LoRA) or ``"full"``.
         lora: adapter settings for ``lora``/``qlora``.
         dtype: weight dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"``.
@@ -155,7 +159,7 @@ class PolicyConfig:
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """Turn a model name into what ``from_pretrained`` takes, checking local paths exist.
 
-    ``tiny:`` specs are built (once) into the cache folder. A name that looks like a local path (starts
+    ``tiny:`` and ``random:`` specs are built (once) into the cache folder. A name that looks like a local path (starts
     with ``.``, ``/``, ``~`` or exists) must be an existing folder; anything else is a hub id.
 
     Raises:
@@ -164,6 +168,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     name = os.fspath(name_or_path)
     if is_tiny_spec(name):
         return str(resolve_tiny_spec(name))
+    if is_random_spec(name):
+        return str(resolve_random_spec(name))
     path = Path(name).expanduser()
     # Hub ids are "name" or "owner/name"; anything else that is path-like must exist locally.
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
@@ -190,9 +196,13 @@ def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def vision_tower(model: nn.Module) -> nn.Module | None:
-    """The vision encoder of a VLM (``visual``, ``vision_tower`` or ``vision_model``), or None."""
-    for owner in (getattr(model, "model", None), model):
-        for name in _VISION_ATTRIBUTES:
+    """The vision encoder of a VLM (the table's attribute: ``visual``, ``vision_tower``, ``vision_model``), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    known = architecture_of(config).vision_tower if config is not None else None
+    names = tuple(dict.fromkeys(name for name in (known, *vision_attributes()) if name))
+    for owner in (getattr(base, "model", None), base):
+        for name in names:
             module = getattr(owner, name, None) if owner is not None else None
             if isinstance(module, nn.Module):
                 return module
@@ -214,8 +224,10 @@ def lora_target_names(model: nn.Module, lora: LoRAConfig) -> list[str]:
     Raises:
         ValueError: the pattern matches no linear layer (the message lists some that exist).
     """
+    arch = architecture_of(model)
+    regex = lora.target_regex(arch)
     try:
-        pattern = re.compile(lora.target_regex())
+        pattern = re.compile(regex)
     except re.error as error:
         raise ValueError(
             f"LoRA target_modules is not a valid regex: {lora.target_modules!r} ({error})"
@@ -225,9 +237,18 @@ def lora_target_names(model: nn.Module, lora: LoRAConfig) -> list[str]:
     if not targets:
         examples = ", ".join(linear[:3] + linear[-3:])
         raise ValueError(
-            f"LoRA target pattern {lora.target_regex()!r} matches no linear layer of "
+            f"LoRA target pattern {regex!r} matches no linear layer of "
             f"{type(model).__name__}; linear layers are named like: {examples}"
         )
+    # A part of the union that adapts nothing would otherwise go unnoticed (the others still match).
+    for flag, part in (
+        ("include_vision_tower", arch.vision_targets),
+        ("include_projector", arch.projector_targets),
+    ):
+        if getattr(lora, flag) and not any(re.fullmatch(part, name) for name in linear):
+            raise ValueError(
+                f"lora.{flag}: no linear layer of {type(model).__name__} matches {part!r} ({arch.name})"
+            )
     return targets
 
 
@@ -237,6 +258,17 @@ def _disable_cpu_bf16_repacking(model: nn.Module) -> None:
     for module in model.modules():
         if type(module).__name__ == "Linear4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def _contiguous_head_inputs(model: nn.Module) -> None:
+    # generate's first step applies the head to hidden[:, -1:], a strided 3D view; on the CPU PyTorch's
+    # matmul then copies the [vocab, hidden] weight once per row (a [rows, hidden, vocab] tensor: 2.5 GB
+    # and 40 s for 4 rows at Qwen2.5-VL's 151,936 x 2,048). A contiguous input takes the plain GEMM path.
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module):
+        head.register_forward_pre_hook(
+            lambda module, args: tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        )
 
 
 def load_model(config: PolicyConfig, device_map: str | dict | torch.device | None = None):
@@ -263,7 +295,9 @@ def load_model(config: PolicyConfig, device_map: str | dict | torch.device | Non
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=config.bnb_4bit_double_quant,
-            llm_int8_skip_modules=UNQUANTIZED_MODULES,
+            # The vision side and the head stay in full precision. Any list replaces transformers'
+            # default that keeps `lm_head`, so the table lists it again.
+            llm_int8_skip_modules=list(architecture_of(hf_config).unquantized),
         )
         if device_map is not None:
             kwargs["device_map"] = device_map
@@ -281,7 +315,36 @@ def load_model(config: PolicyConfig, device_map: str | dict | torch.device | Non
         raise ValueError(f"{config.model_name_or_path!r} has no vision tower: not a vision-language model")
     if config.finetuning == "qlora":
         _disable_cpu_bf16_repacking(model)
+    _contiguous_head_inputs(model)
     return model
+
+
+def _keep_vision_dtype(model: nn.Module, loaded: dict[str, torch.dtype]) -> None:
+    """Put the vision tower and projector back in the dtype they were loaded in, after peft's QLoRA preparation.
+
+    ``prepare_model_for_kbit_training`` upcasts every unquantized weight to fp32 for the stability of what
+    trains. The vision side does not train under QLoRA (LoRA targets the language model; a vision LoRA
+    keeps its own adapters in fp32 anyway), runs in the compute dtype under autocast, and is the largest
+    unquantized part: Qwen2.5-VL-3B's 670 M-parameter tower is 1.3 GB in bf16 and 2.5 GB in fp32. Its
+    output is cast to the text embeddings' dtype before it enters the language model, whose norms and
+    embedding/head stay in fp32 as peft leaves them (they meet the 4-bit layers' outputs).
+
+    Args:
+        model: the quantized base after ``prepare_model_for_kbit_training`` (not yet wrapped by peft).
+        loaded: each parameter's dtype before the preparation.
+    """
+    arch = architecture_of(model.config)
+    for path in arch.unquantized:
+        if path.rsplit(".", 1)[-1] in ("lm_head", "embed_tokens"):
+            continue
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue  # a generic entry lists every known name
+        for name, param in module.named_parameters(prefix=path):
+            dtype = loaded.get(name)
+            if dtype is not None and dtype != param.dtype and dtype.is_floating_point:
+                param.data = param.data.to(dtype)
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -391,8 +454,11 @@ def load_policy(
 
     targets = lora_target_names(model, config.lora)
     if config.finetuning == "qlora":
-        # Casts the unquantized weights (norms, vision tower, head) to fp32 and freezes the base.
+        # Casts the unquantized weights (norms, vision tower, head) to fp32 and freezes the base; the
+        # frozen vision side goes back to the dtype it was loaded in (see _keep_vision_dtype).
+        loaded = {name: param.dtype for name, param in model.named_parameters()}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_vision_dtype(model, loaded)
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     lora = LoraConfig(

@@ -1,18 +1,27 @@
 """Processor loading that works without torchvision.
 
-``AutoProcessor.from_pretrained`` on a Qwen2-VL / Qwen2.5-VL checkpoint wants a video processor, which
-needs torchvision; without it, it either fails or silently returns only the tokenizer. Training here
-uses images only, so for those model types we load an image-only subclass of the real processor with
-the PIL image processor. Every other model type goes through ``AutoProcessor``, and the result is
-checked to be a real multimodal processor.
+``AutoProcessor.from_pretrained`` on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 checkpoint wants a video
+processor, which needs torchvision; without it, it either fails or silently returns only the tokenizer.
+Training here uses images only, so for the model types the architecture table names an image-only
+processor for, that subclass of the real processor is loaded, with the PIL image processor. Every other
+model type goes through ``AutoProcessor`` (which picks the PIL image processors without torchvision), and
+the result is checked to be a real multimodal processor.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+import re
 
 from transformers import AutoConfig, AutoProcessor
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+from cppo_lightning.architectures import architecture
+
+log = logging.getLogger(__name__)
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -28,7 +37,26 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         )
 
 
-_IMAGE_ONLY = {"qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor, "qwen2_vl": ImageOnlyQwen2_5_VLProcessor}
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3-VL (and Qwen3.5) processor without the video processor (no torchvision needed)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+
+def _image_only_class(model_type: str):
+    """The architecture table's image-only processor class for a model type, or None (AutoProcessor)."""
+    path = architecture(model_type).processor
+    if path is None:
+        return None
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def load_processor(
@@ -53,7 +81,7 @@ def load_processor(
 
     path = resolve_model_path(name_or_path)
     config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    processor_class = _IMAGE_ONLY.get(config.model_type)
+    processor_class = _image_only_class(config.model_type)
     if processor_class is not None:
         # The image processor backend is chosen by availability: the PIL one without torchvision.
         processor = processor_class.from_pretrained(path, revision=revision)
@@ -88,4 +116,29 @@ def chat_prompt(processor, question: str, system_prompt: str | None = None) -> s
     if system_prompt:
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return without_opened_think(prompt)
+
+
+# A generation prompt that already opens the reasoning block (Qwen3.5 and the Qwen3 "thinking" templates
+# end with "<|im_start|>assistant\n<think>\n").
+_OPENED_THINK = re.compile(r"<think>\s*$")
+
+
+def without_opened_think(prompt: str) -> str:
+    """The prompt without a trailing ``<think>`` that the chat template wrote into the generation prompt.
+
+    The release's format reward (and the instruction in every prompt) wants the completion itself to
+    open ``<think>``: with the tag in the prompt, no completion would ever earn it. The model, trained
+    to think after that tag, writes it itself.
+    """
+    match = _OPENED_THINK.search(prompt)
+    if match is None:
+        return prompt
+    if "think" not in _logged:
+        _logged.add("think")
+        log.info("the chat template opens <think> in the prompt; it is removed so that completions open it")
+    return prompt[: match.start()]
+
+
+_logged: set[str] = set()

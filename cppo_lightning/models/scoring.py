@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from cppo_lightning.architectures import TEXT_KEYS, architecture_of
 from cppo_lightning.objectives.functional import log_softmax_at, softmax_entropy
 
 # Logits (fp32 elements) of one head chunk when no chunk size is given: 2**25 elements = 128 MiB.
@@ -52,7 +53,7 @@ def with_completion(prompt_inputs: Mapping[str, Tensor], completion_ids: Tensor,
     inputs["attention_mask"] = torch.cat(
         [prompt_inputs["attention_mask"], mask.to(prompt_inputs["attention_mask"].dtype)], dim=1
     )
-    for key in ("mm_token_type_ids", "token_type_ids"):
+    for key in TEXT_KEYS[2:]:  # the architecture table's token-axis keys besides input_ids/attention_mask
         if key in prompt_inputs:
             inputs[key] = torch.cat([prompt_inputs[key], torch.zeros_like(completion_ids)], dim=1)
     return inputs
@@ -91,13 +92,15 @@ class LanguageModelHead:
     """A VLM split into its backbone (everything up to the last hidden state) and its output head.
 
     Every ``*ForConditionalGeneration`` class of transformers 5 computes
-    ``lm_head(self.model(...)[0])`` (Gemma adds a final logit soft-cap, applied here too), so
-    calling the two parts gives the model's own logits.
+    ``lm_head(self.model(...)[0])`` (some add a final logit soft-cap, applied here too where the
+    architecture table says the VLM class applies it), so calling the two parts gives the model's own
+    logits.
 
     Attributes:
         backbone: the inner ``model`` (vision tower + language model + final norm).
         head: the output projection (``get_output_embeddings()``; a LoRA layer if LoRA targets it).
-        softcap: Gemma's ``final_logit_softcapping`` (None for the other architectures).
+        softcap: ``final_logit_softcapping`` where the VLM class applies it (None otherwise: Gemma 3's
+            ``Gemma3ForConditionalGeneration`` ignores the value in its config).
     """
 
     backbone: nn.Module
@@ -119,10 +122,12 @@ class LanguageModelHead:
                 f"{type(base).__name__} does not split into `.model` and an output head "
                 "(get_output_embeddings()): the chunked scoring path needs both"
             )
-        config = getattr(base.config, "text_config", None) or base.config
-        softcap = getattr(config, "final_logit_softcapping", None) or getattr(
-            base.config, "final_logit_softcapping", None
-        )
+        softcap = None
+        if architecture_of(base).logit_softcap:
+            config = getattr(base.config, "text_config", None) or base.config
+            softcap = getattr(config, "final_logit_softcapping", None) or getattr(
+                base.config, "final_logit_softcapping", None
+            )
         return cls(backbone, head, softcap)
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -183,12 +188,22 @@ class PositionScores:
 
 
 def _score_chunk(
-    head: LanguageModelHead, hidden: Tensor, tokens: Tensor, temperature: float, entropy: bool
-) -> tuple[Tensor, Tensor | None]:
+    head: LanguageModelHead,
+    hidden: Tensor,
+    tokens: Tensor,
+    temperature: float,
+    entropies: list[Tensor] | None,
+) -> Tensor:
+    """One chunk's log-probs; its entropies (no gradient) appended to ``entropies`` when given.
+
+    Under checkpointing this runs twice, in the forward and again in backward; the entropy is needed
+    once, so the recomputation (which finds ``entropies`` already filled) skips it.
+    """
     logits = head.logits(hidden)
     logprobs = log_softmax_at(logits, tokens, temperature)
-    entropies = softmax_entropy(logits.detach(), temperature) if entropy else None
-    return logprobs, entropies
+    if entropies is not None and not entropies:
+        entropies.append(softmax_entropy(logits.detach(), temperature))
+    return logprobs
 
 
 def score_positions(
@@ -222,14 +237,16 @@ def score_positions(
     logprobs, entropies = [], []
     for start in range(0, hidden.shape[0], step):
         part = (hidden[start : start + step], tokens[start : start + step])
+        found: list[Tensor] | None = [] if entropy else None
         if differentiable:
-            lp, h = checkpoint(
-                _score_chunk, head, *part, temperature, entropy, use_reentrant=False, preserve_rng_state=False
+            lp = checkpoint(
+                _score_chunk, head, *part, temperature, found, use_reentrant=False, preserve_rng_state=False
             )
         else:
-            lp, h = _score_chunk(head, *part, temperature, entropy)
+            lp = _score_chunk(head, *part, temperature, found)
         logprobs.append(lp)
-        entropies.append(h)
+        if found is not None:
+            entropies.append(found[0])
     if not logprobs:
         empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
         return PositionScores(empty, empty if entropy else None)

@@ -166,3 +166,58 @@ def test_a_vision_lora_is_refused_at_start_up(tiny_qwen, lora, named):
     with pytest.raises(ValueError, match="language model only") as error:
         VLLMEngine(policy, VLLMConfig())
     assert named in str(error.value) and "visual" in str(error.value)
+
+
+def test_generation_in_calls_of_at_most_generation_rollouts_rows_gives_the_same_completions(
+    vllm_model, prompts
+):
+    """8 rows in calls of 3, 3 and 2 decode greedily to the one-call result, padding included.
+
+    One token greedy decoding often picks is made an end-of-sequence token, so rows end at different
+    lengths, and a call whose rows all end early returns a narrower block, which is padded back.
+    """
+    from cppo_lightning.rollout import EvaluationSampling, repeat_rows
+
+    policy = load_policy(PolicyConfig(str(vllm_model), finetuning="full"), reference=False)
+    rows = repeat_rows(prompts, 2, torch.device("cpu"))
+    settings = dict(samples_per_prompt=2, temperature=0.0, max_new_tokens=12)
+    whole = HFEngine().generate(policy, prompts, rows, EvaluationSampling(**settings), seed=0)
+    counts = whole.completion_ids[whole.completion_mask].bincount()
+    config = policy.unwrapped().generation_config
+    config.eos_token_id = [*eos_and_pad_ids(config), int(counts.argmax())]
+    whole = HFEngine().generate(policy, prompts, rows, EvaluationSampling(**settings), seed=0)
+    lengths = whole.completion_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1, "the test needs completions of different lengths"
+    widths = [int(lengths[start : start + 3].max()) for start in (0, 3, 6)]
+    assert min(widths) < whole.completion_ids.shape[1], "the test needs a call that returns a narrower block"
+
+    calls = []
+    generate = policy.model.generate
+
+    def counting(**inputs):
+        calls.append(len(inputs["input_ids"]))
+        return generate(**inputs)
+
+    policy.model.generate = counting
+    split = HFEngine().generate(
+        policy, prompts, rows, EvaluationSampling(**settings, generation_rollouts=3), seed=0
+    )
+    assert calls == [3, 3, 2]
+    assert torch.equal(split.completion_mask, whole.completion_mask)
+    assert torch.equal(
+        split.completion_ids[split.completion_mask], whole.completion_ids[whole.completion_mask]
+    )
+
+
+def eos_and_pad_ids(config):
+    eos = config.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def test_generation_rollouts_is_checked_at_start_up():
+    from cppo_lightning.rollout import RolloutConfig
+
+    with pytest.raises(ValueError, match="generation_rollouts must be an integer >= 1"):
+        RolloutConfig(generation_rollouts=0)
+    with pytest.raises(ValueError, match="generation_rollouts applies to engine: hf"):
+        RolloutConfig(engine="vllm", generation_rollouts=8)

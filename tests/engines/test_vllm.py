@@ -24,7 +24,7 @@ from cppo_lightning.batch import ORIGINAL, REMOVING  # noqa: E402
 from cppo_lightning.engines import HFEngine, VLLMConfig, VLLMEngine  # noqa: E402
 from cppo_lightning.engines.base import suppressed_tokens  # noqa: E402
 from cppo_lightning.models import PolicyConfig, load_policy  # noqa: E402
-from cppo_lightning.rollout import RolloutConfig, repeat_rows  # noqa: E402
+from cppo_lightning.rollout import EvaluationSampling, RolloutConfig, repeat_rows  # noqa: E402
 from helpers import mean_gap, policy_logprobs, supervised_step  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.vllm
 CPU = torch.device("cpu")
 # Small KV cache and no compilation: start-up in seconds on 2 cores.
 OPTIONS = VLLMConfig(kv_cache_memory_gb=0.25, enforce_eager=True, max_model_len=512)
-GREEDY = RolloutConfig(samples_per_prompt=2, temperature=0.0, max_new_tokens=24)
+GREEDY = EvaluationSampling(samples_per_prompt=2, temperature=0.0, max_new_tokens=24)
 
 
 def full_policy(folder):

@@ -18,14 +18,14 @@ pytest.importorskip(
 from cli import lightning_cli  # noqa: E402
 from cppo_lightning.engines import HFEngine, VLLMConfig, VLLMEngine  # noqa: E402
 from cppo_lightning.models import PolicyConfig, load_policy  # noqa: E402
-from cppo_lightning.rollout import RolloutConfig, repeat_rows  # noqa: E402
+from cppo_lightning.rollout import EvaluationSampling, repeat_rows  # noqa: E402
 from helpers import VARIED_REWARD, demo_args, supervised_step  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 CPU = torch.device("cpu")
 OPTIONS = dict(kv_cache_memory_gb=0.25, enforce_eager=True, max_model_len=512)
-GREEDY = RolloutConfig(samples_per_prompt=1, temperature=0.0, max_new_tokens=24)
+GREEDY = EvaluationSampling(samples_per_prompt=1, temperature=0.0, max_new_tokens=24)
 
 
 def test_after_a_lora_step_vllm_samples_from_the_updated_adapter(vllm_model, prompts):

@@ -53,3 +53,43 @@ def test_qlora_rounds_of_generate_train_reference(tiny_qwen):
     with torch.no_grad():
         trained = completion_logits(policy.model, inputs, target, target_mask)
     assert not torch.allclose(trained, reference_logits, atol=1e-4)
+
+
+def test_qlora_keeps_the_frozen_vision_side_in_its_loaded_dtype(tiny_qwen):
+    """peft's preparation upcasts every unquantized weight to fp32; the frozen vision tower goes back to bf16.
+
+    The 3B's tower is 1.3 GB in bf16 and 2.5 GB in fp32. The language model's norms and embedding/head stay
+    fp32, the LoRA adapters train in fp32, and the model still samples and backpropagates, with and without
+    autocast.
+    """
+    policy = load_policy(
+        PolicyConfig(
+            model_name_or_path=str(tiny_qwen),
+            finetuning="qlora",
+            dtype="bfloat16",
+            bnb_4bit_compute_dtype="bfloat16",
+        )
+    )
+    base = policy.unwrapped()
+    assert {p.dtype for p in vision_tower(base).parameters()} == {torch.bfloat16}
+    assert base.model.language_model.norm.weight.dtype == torch.float32
+    assert base.get_input_embeddings().weight.dtype == torch.float32
+    assert {p.dtype for p in policy.trainable_parameters()} == {torch.float32}
+
+    inputs = encode(policy.processor, ["How many red shapes?", "Is there a green star?"])
+    target = torch.randint(20, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    target_mask = torch.ones_like(target, dtype=torch.bool)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            policy.model.eval()
+            with torch.no_grad():
+                sequences = policy.model.generate(**inputs, max_new_tokens=4)
+            assert sequences.shape[1] > inputs["input_ids"].shape[1]
+            policy.model.train()
+            logits = completion_logits(policy.model, inputs, target, target_mask)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+        policy.model.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in policy.trainable_parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
