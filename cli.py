@@ -10,6 +10,7 @@
     cppo plot runs/grpo runs/cppo --output compare.png
     cppo export runs/demo/.../checkpoints/adapter merged-model/
     cppo tiny qwen2_5_vl demo models/tiny-demo
+    cppo audit --config configs/demo/cppo.yaml    # do I+ preserve and I- remove what the task needs?
 
 The data's processor is linked to the policy (``model.policy.model_name_or_path``), and the resolved
 config is saved in the run folder, so every run can be reproduced from its own folder.
@@ -727,6 +728,213 @@ def _evaluate(argv: list[str]) -> int:
     return 0 if results else 1
 
 
+# ---------------------------------------------------------------------------------------------- pool audit
+
+
+def audit(
+    args: list[str],
+    output: str | Path | None = None,
+    *,
+    examples: int = 256,
+    samples: int | None = None,
+    batch_size: int | None = None,
+    split: str = "train",
+    candidates: str | Path | None = None,
+    group_by: str | None = "family",
+    device: str | None = None,
+    rule=None,
+    view_accuracy: bool = True,
+    max_generate_rows: int | None = None,
+):
+    """Audit the perturbation pools of a training config before training (``cppo audit``).
+
+    For the config's policy, data and pools: each transform of each pool on its own, the candidates and
+    the flat-grey floor are scored on ``examples`` questions (accuracy as sampled avg@k; k3 and exact KL to
+    the original on the completions sampled under it; entropy shifts; the CPL direction of every pair and
+    of the pools as configured), given a verdict (:class:`cppo_lightning.audit.VerdictRule`), and written
+    to ``output`` as ``audit.md``, ``audit.json`` and ``audit.html``.
+
+    Args:
+        args: LightningCLI arguments, as for ``fit`` (``["--config", "configs/demo/cppo.yaml", ...]``).
+        output: report folder (default ``runs/audit/<config name>``).
+        examples: questions audited (the first ones of the split).
+        samples: completions per question and view (default: the rollout's ``G``).
+        batch_size: prompts per batch (default: the data module's).
+        split: ``train`` (where the pools act), ``val`` or ``test``.
+        candidates: YAML file of candidate transforms (``preserving:`` / ``removing:`` lists).
+        group_by: metadata column grouping the questions (None: none).
+        device: ``cpu``, ``cuda`` ... (default: CUDA when available).
+        rule: a :class:`~cppo_lightning.audit.VerdictRule` (default thresholds when None).
+        view_accuracy: sample and grade under every view (False: under ``I`` only, divergences alone).
+        max_generate_rows: rows per ``generate`` call (the views of a batch are stacked; None: all at once).
+
+    Returns:
+        ``(AuditResult, {"markdown", "json", "html"} -> path)``.
+    """
+    import torch
+
+    from callbacks.audit_report import write_audit_report
+    from cppo_lightning.audit import PoolAudit, VerdictRule, generation_token_ids
+    from cppo_lightning.models import load_policy
+    from cppo_lightning.objectives import CPPO
+    from datamodules.pool_audit import audit_batches, audit_dataset, load_candidates
+
+    started, started_cpu = time.perf_counter(), time.process_time()
+    extra = candidates and load_candidates(candidates)
+    cli = _cli(
+        CPPOModule,
+        [*args, "--trainer.logger", "false", "--trainer.callbacks", "[]"],
+        run=False,
+        save_config=False,
+    )
+    module, data = cli.model, cli.datamodule
+    configs = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--config"]
+    name = Path(configs[-1]).stem if configs else "audit"
+    output = Path(output) if output is not None else Path("runs") / "audit" / name
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = module.policy_config
+    device_map = {"": target} if config.finetuning == "qlora" and target.type == "cuda" else None
+    policy = load_policy(config, reference=False, device_map=device_map)
+    if device_map is None:
+        policy.to(target)
+    policy.model.eval()
+    dataset, maker = audit_dataset(data, extra or None, split)
+    objective = module.objective
+    cppo = objective if isinstance(objective, CPPO) else CPPO()  # a GRPO/PAPO config: CPPO's defaults
+    tokenizer = policy.processor.tokenizer
+    eos, pad = generation_token_ids(policy.model, tokenizer)
+    runner = PoolAudit(
+        policy.model,
+        tokenizer,
+        maker.views,
+        grader=module.eval_grader,
+        reward_model=module.reward_model,
+        rollout=module.rollout_config,
+        samples=samples or module.rollout_config.samples_per_prompt,
+        eos_token_ids=eos,
+        pad_token_id=pad,
+        top_ratio=cppo.top_ratio,
+        tau=cppo.tau,
+        advantage_gating=cppo.advantage_gating,
+        advantage_scale=objective.advantage_scale,
+        max_rows=module.update_config.micro_batch_rollouts,
+        max_tokens=module.update_config.max_tokens_per_forward,
+        chunk_tokens=module.update_config.logits_chunk_tokens,
+        seed=module.seed,
+        group_key=group_by,
+        rule=rule or VerdictRule(),
+        view_accuracy=view_accuracy,
+        max_generate_rows=max_generate_rows,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    per_batch = batch_size or data.batch_size
+    total = -(-min(examples, len(dataset)) // per_batch)
+    for index, batch in enumerate(audit_batches(dataset, examples, per_batch, pad_id), start=1):
+        runner.add(batch)
+        # A line per batch: on a CPU the audit of the demo takes minutes.
+        print(
+            f"audit: batch {index}/{total} ({len(batch)} questions) at {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    result = runner.result(
+        {
+            "config": " ".join(configs),
+            "model": config.model_name_or_path,
+            "split": split,
+            "grader": module.evaluation.reward,
+            "objective": type(objective).__name__,
+            "candidates": str(candidates) if candidates else None,
+            "device": str(target),
+            "seconds": round(time.perf_counter() - started, 1),
+            # CPU time of this process (all its threads): on a shared machine, what the audit itself costs.
+            "cpu_seconds": round(time.process_time() - started_cpu, 1),
+        }
+    )
+    return result, write_audit_report(result, output, maker.configs)
+
+
+def _audit(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cppo audit",
+        description="Audit the perturbation pools of a training config before training: does I+ preserve and "
+        "I- remove what the task needs? Per transform (and the flat-grey floor): accuracy (sampled avg@k) with "
+        "the image, the view and grey, k3 and exact KL to the original, entropy shifts, a verdict; the CPL "
+        "direction of the pools as configured; proposed pools. Writes audit.md, audit.json and audit.html. "
+        "Other arguments go to LightningCLI (e.g. --model.policy.model_name_or_path runs/demo/warmstart/model).",
+    )
+    parser.add_argument("--config", action="append", required=True, help="training config (as for fit)")
+    parser.add_argument("--output", default=None, help="report folder (default runs/audit/<config name>)")
+    parser.add_argument("--examples", type=int, default=256, help="questions audited")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="completions per question and view (default G)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="prompts per batch (default: the data's)"
+    )
+    parser.add_argument("--split", default="train", choices=["train", "val", "test"])
+    parser.add_argument(
+        "--candidates", default=None, help="YAML with candidate 'preserving'/'removing' transforms"
+    )
+    parser.add_argument(
+        "--group-by", default="family", help="metadata column grouping the questions ('' for none)"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    parser.add_argument(
+        "--divergence-only",
+        action="store_true",
+        help="sample under I only (no accuracy under the views; verdicts from the divergences): for large models",
+    )
+    parser.add_argument(
+        "--max-generate-rows",
+        type=int,
+        default=None,
+        help="rows per generate call (the views of a batch are stacked into one; lower it on a GPU)",
+    )
+    from cppo_lightning.audit import VerdictRule
+
+    defaults = VerdictRule()
+    for name, help in (
+        ("preserving_max", "an I+ transform is preserving up to this position (0 = identity, 1 = grey)"),
+        ("removing_min", "an I- transform is removing from this position on"),
+        ("min_accuracy_gap", "accuracy counts when acc(I) - acc(grey) is at least this"),
+        ("min_floor_divergence", "KL counts when KL(grey) per token is at least this"),
+    ):
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=float, default=getattr(defaults, name), help=help
+        )
+    options, extra = parser.parse_known_args(argv)
+    args = [item for config in options.config for item in ("--config", config)] + extra
+    result, paths = audit(
+        args,
+        options.output,
+        examples=options.examples,
+        samples=options.samples,
+        batch_size=options.batch_size,
+        split=options.split,
+        candidates=options.candidates,
+        group_by=options.group_by or None,
+        device=options.device,
+        view_accuracy=not options.divergence_only,
+        max_generate_rows=options.max_generate_rows,
+        rule=VerdictRule(
+            options.preserving_max,
+            options.removing_min,
+            options.min_accuracy_gap,
+            options.min_floor_divergence,
+        ),
+    )
+    print(paths["markdown"].read_text())
+    settings = result.settings
+    print(
+        f"audit of {settings['questions']} questions in {settings['seconds']:.0f} s "
+        f"({settings['cpu_seconds']:.0f} s of CPU time; sampling {settings['seconds_sampling']:.0f} s, "
+        f"scoring {settings['seconds_scoring']:.0f} s)"
+    )
+    print("report: " + ", ".join(str(path) for path in paths.values()))
+    return 0
+
+
 _COMMANDS = {
     "demo": _demo,
     "study": _study,
@@ -735,6 +943,7 @@ _COMMANDS = {
     "export": _export,
     "tiny": _tiny,
     "evaluate": _evaluate,
+    "audit": _audit,
 }
 
 

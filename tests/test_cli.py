@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from callbacks import CPLDirectionMonitor
 from cli import lightning_cli, main, warmstart_cli
 from cppo_lightning.module import CPPOModule
 from cppo_lightning.objectives import CPPO, GRPO, PAPO
@@ -17,7 +18,8 @@ from datamodules import Benchmark, BenchmarkDataModule, VisualQADataModule
 from datamodules.benchmarks import PAPER_BENCHMARKS
 from helpers import ROOT, VARIED_REWARD, demo_args
 
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# configs/audit/ holds candidate transforms for `cppo audit`, not LightningCLI configs (tests/test_audit.py).
+CONFIGS = sorted(path for path in (ROOT / "configs").rglob("*.yaml") if path.parent.name != "audit")
 
 
 def read_metrics(save_dir):
@@ -138,6 +140,12 @@ def test_fit_each_objective_in_process(objective, tiny_qwen, tmp_path):
         assert last_value(rows, "train/cpl") > 0.0
         assert module.last_rollout.perception_mask.any()
         assert set(module.last_rollout.batch.views) == {"original", "preserving", "removing"}
+        assert 0.0 <= last_value(rows, "train/cpl_direction") <= 1.0
+        # The demo config's CPLDirectionMonitor reads what the module logs: it counted every step that
+        # had perception tokens (its window of 10 is not reached in 2 steps, so no verdict yet).
+        (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, CPLDirectionMonitor)]
+        counted = sum(float(row.get("train/perception_fraction") or 0) > 0 for row in rows)
+        assert counted > 0 and monitor.state_dict()["steps"] == counted and monitor.summary is None
     if objective == "papo":
         assert last_value(rows, "train/implicit_perception_loss") <= 0.0  # minus a k3 divergence
         assert set(module.last_rollout.batch.views) == {"original", "masked"}

@@ -39,6 +39,7 @@ __all__ = [
     "perception_token_mask",
     "contrastive_perception_loss",
     "contrastive_perception_loss_from_divergences",
+    "cpl_direction_indicator",
     "implicit_perception_loss",
     "double_entropy_loss",
 ]
@@ -699,7 +700,8 @@ def contrastive_perception_loss(
 
     Returns:
         tuple[Tensor, dict[str, Tensor]]: the 0-dim loss, and detached 0-dim metrics (means over
-        ``M``, 0 when empty): ``cpl``, ``divergence_preserving``, ``divergence_removing``.
+        ``M``, 0 when empty): ``cpl``, ``divergence_preserving``, ``divergence_removing``,
+        ``cpl_direction``.
     """
     _check_choice("divergence", divergence, DIVERGENCES)
     check_same_shape(
@@ -741,7 +743,8 @@ def contrastive_perception_loss_from_divergences(
 
     Returns:
         tuple[Tensor, dict[str, Tensor]]: the 0-dim loss and the metrics ``cpl``,
-        ``divergence_preserving``, ``divergence_removing``.
+        ``divergence_preserving``, ``divergence_removing`` and ``cpl_direction`` (the fraction of
+        ``M`` with ``D+ < D-``).
     """
     if not tau > 0:
         raise ValueError(f"tau must be positive, got {tau}")
@@ -758,8 +761,33 @@ def contrastive_perception_loss_from_divergences(
         "cpl": token_mean(cpl, mask, counts, count_key),
         "divergence_preserving": token_mean(divergence_preserving, mask, counts, count_key),
         "divergence_removing": token_mean(divergence_removing, mask, counts, count_key),
+        # The CPL's direction: on the share of perception tokens with D+ < D- it already agrees with
+        # the views; below 0.5 the views disagree with the loss (I+ moves the outputs more than I-).
+        # Ties count half: D+ = D- (in practice both 0, a token certain under every view) carries no
+        # gradient (k3's vanishes there) and says nothing about the direction; counted as "wrong", a
+        # confident policy would look misdirected whatever its pools.
+        "cpl_direction": token_mean(
+            cpl_direction_indicator(divergence_preserving, divergence_removing), mask, counts, count_key
+        ),
     }
     return loss, metrics
+
+
+def cpl_direction_indicator(divergence_preserving: Tensor, divergence_removing: Tensor) -> Tensor:
+    """Per token, whether the views agree with the CPL: 1 where ``D+ < D-``, 0.5 on a tie, 0 where ``D+ > D-``.
+
+    Its mean over the perception tokens is the CPL's direction (``cpl_direction``; 0.5 = no signal).
+
+    Args:
+        divergence_preserving (Tensor): [...] ``D+``.
+        divergence_removing (Tensor): [...] ``D-`` (same shape).
+
+    Returns:
+        Tensor: [...] float values in {0, 0.5, 1}.
+    """
+    less = (divergence_preserving < divergence_removing).to(divergence_preserving.dtype)
+    tie = (divergence_preserving == divergence_removing).to(divergence_preserving.dtype)
+    return less + 0.5 * tie
 
 
 # --------------------------------------------------------------------------------------------

@@ -434,6 +434,8 @@ class CPPO(GRPO):
         - ``cpl``: mean contrastive perception loss over the perception tokens.
         - ``divergence_preserving``: mean ``D+`` over the perception tokens.
         - ``divergence_removing``: mean ``D-`` over the perception tokens.
+        - ``cpl_direction``: fraction of the perception tokens with ``D+ < D-`` (below 0.5 the
+          pools push the loss the wrong way: see ``cppo audit``).
         - ``perception_fraction``: perception tokens / response tokens.
         - ``gated_fraction``: fraction of rows removed by advantage gating (``A <= 0``);
           0 without gating.

@@ -470,6 +470,14 @@ def test_contrastive_perception_loss_hand_computed():
     torch.testing.assert_close(metrics["cpl"], t(0.993542))
     torch.testing.assert_close(metrics["divergence_preserving"], t(0.148721 / 2))
     torch.testing.assert_close(metrics["divergence_removing"], t(0.106531 / 2))
+    # Token 0 has D+ < D- (the views agree with the loss), token 1 D+ > D-: direction 1 / 2.
+    torch.testing.assert_close(metrics["cpl_direction"], t(0.5))
+    # A third selected token certain under every view (D+ = D- = 0) is a tie: it counts half,
+    # (1 + 0 + 0.5) / 3, not as a token that pushes the wrong way.
+    _, tied = contrastive_perception_loss(
+        lp, lp_plus, t([[-1.5, -1.0, -3.0]]), torch.ones(1, 3, dtype=torch.bool)
+    )
+    torch.testing.assert_close(tied["cpl_direction"], t(1.5 / 3))
     loss.backward()
     # Gradient reaches all three views, but never an unselected token.
     for x in (lp, lp_plus, lp_minus):

@@ -23,7 +23,7 @@ from cppo_lightning.objectives import (
 
 DOCUMENTED_METRICS = {
     "loss", "policy_loss", "kl", "clip_fraction", "dual_clip_fraction", "ratio_mean", "entropy", "cpl",
-    "divergence_preserving", "divergence_removing", "perception_fraction", "gated_fraction",
+    "divergence_preserving", "divergence_removing", "cpl_direction", "perception_fraction", "gated_fraction",
     "entropy_shift", "implicit_perception_loss", "double_entropy",
 }  # fmt: skip
 
