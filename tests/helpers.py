@@ -23,6 +23,14 @@ def encode(processor, questions, images=None, seed=0):
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
+#: The shipped training configs: every YAML under configs/ but configs/eval (they evaluate a model: nothing
+#: to train, checkpoint or resume) and configs/audit (transform lists for `cppo audit --candidates`).
+TRAINING_CONFIGS = sorted(
+    path
+    for path in (ROOT / "configs").rglob("*.yaml")
+    if path.relative_to(ROOT / "configs").parts[0] not in ("eval", "audit")
+)
+
 
 def demo_args(config, model_path, save_dir, steps=2, *overrides):
     """LightningCLI arguments that shrink a demo config to a few seconds on a CPU."""

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from callbacks.checkpointing import checkpoint_problem, latest_checkpoint
 from cli import lightning_cli
-from helpers import ROOT, VARIED_REWARD, demo_args
+from helpers import ROOT, TRAINING_CONFIGS, VARIED_REWARD, demo_args
 
 CALLBACKS = [
     {"class_path": "callbacks.AtomicCheckpoint", "init_args": {"save_last": True, "every_n_train_steps": 1}},
@@ -150,13 +150,6 @@ def test_the_real_cppo_fit_sent_sigterm_saves_a_resumable_checkpoint_and_exits_1
     # The checkpoint is of the last step whose metrics were logged: nothing done is lost.
     assert state["global_step"] == len(trained) >= 1
     assert (metrics.parent / "checkpoints" / "adapter" / "adapter_config.json").exists()
-
-
-TRAINING_CONFIGS = sorted(
-    config
-    for config in (ROOT / "configs").rglob("*.yaml")
-    if "eval" not in config.relative_to(ROOT / "configs").parts
-)  # configs/eval only test a model: nothing to checkpoint or resume
 
 
 @pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
