@@ -675,6 +675,8 @@ class CPPOModule(pl.LightningModule):
             max_new_tokens=evaluation.max_new_tokens or self.rollout_config.max_new_tokens,
             engine=self.rollout_config.engine,
             vllm=self.rollout_config.vllm,
+            # The bound on rows decoded at once is the card's, not the stage's.
+            generation_rollouts=self.rollout_config.generation_rollouts,
         )
         with seeded(derived_seed(self.seed, self.global_rank, stage, dataloader_idx, batch_idx), self.device):
             example_rows, completion, mask, texts, _ = self._sample(batch, k, config)

@@ -77,7 +77,8 @@ class RolloutConfig:
         if not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if self.generation_rollouts is not None:
-            if not isinstance(self.generation_rollouts, int) or self.generation_rollouts < 1:
+            count = self.generation_rollouts
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 problems.append(
                     f"generation_rollouts must be an integer >= 1 or null, got {self.generation_rollouts!r}"
                 )

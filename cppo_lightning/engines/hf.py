@@ -38,17 +38,22 @@ class HFEngine:
         eos, pad = eos_and_pad(policy)
         synced = self.synced_gpus() if callable(self.synced_gpus) else self.synced_gpus
         # Rows in calls of at most `generation_rollouts` (the KV cache grows with the rows decoded at once).
-        # Under synced_gpus every rank makes as many calls: ranks hold equal batches.
         step = config.generation_rollouts or max(1, len(example_rows))
+        calls = -(-max(1, len(example_rows)) // step)
+        if synced:
+            # Under synced_gpus every call's decoding steps are collectives: each rank must make as many
+            # calls, also when a rank holds fewer rows (its extra calls decode a row again, discarded).
+            calls = most_calls(calls, next(policy.model.parameters()).device)
         parts = []
         with sampling_mode(policy.model):
-            for start in range(0, max(1, len(example_rows)), step):
-                rows = example_rows[start : start + step]
-                parts.append(
-                    generate(
-                        policy.model, batch.model_inputs(ORIGINAL, rows), config, eos, pad, synced_gpus=synced
-                    )
+            for call in range(calls):
+                start = call * step
+                rows = example_rows[start : start + step] if start < len(example_rows) else example_rows[-1:]
+                generated = generate(
+                    policy.model, batch.model_inputs(ORIGINAL, rows), config, eos, pad, synced_gpus=synced
                 )
+                if start < len(example_rows) or not parts:
+                    parts.append(generated)
         if len(parts) == 1:
             completion, mask = parts[0]
         else:
@@ -67,3 +72,14 @@ def pad_right(tensor: Tensor, width: int, value: int | bool) -> Tensor:
         return tensor
     padding = tensor.new_full((tensor.shape[0], width - tensor.shape[1]), value)
     return torch.cat([tensor, padding], dim=1)
+
+
+def most_calls(calls: int, device: torch.device) -> int:
+    """The largest number of ``generate`` calls of any rank (``calls`` itself outside distributed runs)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return calls
+    count = torch.tensor([calls], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())

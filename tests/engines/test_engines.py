@@ -204,9 +204,8 @@ def test_generation_in_calls_of_at_most_generation_rollouts_rows_gives_the_same_
     )
     assert calls == [3, 3, 2]
     assert torch.equal(split.completion_mask, whole.completion_mask)
-    assert torch.equal(
-        split.completion_ids[split.completion_mask], whole.completion_ids[whole.completion_mask]
-    )
+    # Padding included: generate fills finished rows with the pad id, and so does the narrower call's padding.
+    assert torch.equal(split.completion_ids, whole.completion_ids)
 
 
 def eos_and_pad_ids(config):
@@ -219,5 +218,80 @@ def test_generation_rollouts_is_checked_at_start_up():
 
     with pytest.raises(ValueError, match="generation_rollouts must be an integer >= 1"):
         RolloutConfig(generation_rollouts=0)
+    with pytest.raises(ValueError, match="generation_rollouts must be an integer >= 1"):
+        RolloutConfig(generation_rollouts=True)
     with pytest.raises(ValueError, match="generation_rollouts applies to engine: hf"):
         RolloutConfig(engine="vllm", generation_rollouts=8)
+
+
+def test_synced_generation_makes_as_many_calls_on_every_rank(vllm_model, tmp_path):
+    """Under synced_gpus a rank with fewer rows still makes every rank's number of generate calls.
+
+    Rank 0 holds 4 rows and rank 1 only 2, in calls of at most 2: without the extra call, rank 0's second
+    call would wait forever on rank 1's decoding steps (the test's timeout).
+    """
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = ROOT / "tests" / "engines" / "synced_generation.py"
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        OMP_NUM_THREADS="1",
+    )
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(vllm_model), str(tmp_path / f"rank{rank}.json")],
+            env=dict(env, RANK=str(rank)),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        errors = [process.communicate(timeout=180)[1] for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    assert [process.returncode for process in ranks] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0] == {"calls": [2, 2], "rows": 4}
+    # Rank 1's second call decodes its last row again, and its completions are only its own 2 rows.
+    assert results[1] == {"calls": [2, 1], "rows": 2}
+
+
+def test_validation_generates_within_the_rollouts_generation_bound(tiny_qwen):
+    """generation_rollouts bounds the rows decoded at once in validation too: the card's limit, not the stage's."""
+    from cppo_lightning.rollout import RolloutConfig
+
+    module = small_module(
+        tiny_qwen, rollout=RolloutConfig(samples_per_prompt=4, max_new_tokens=6, generation_rollouts=3)
+    )
+    module.configure_model()
+    calls = []
+    generate = module.policy.model.generate
+
+    def counting(**inputs):
+        calls.append(len(inputs["input_ids"]))
+        return generate(**inputs)
+
+    module.policy.model.generate = counting
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+    )
+    trainer.validate(module, datamodule=HandWrittenDataModule(tiny_qwen, count=4, batch_size=2))
+    # One validation batch: 2 questions x avg@2 = 4 rows, in calls of at most 3.
+    assert calls == [3, 1]
