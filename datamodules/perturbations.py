@@ -48,6 +48,7 @@ __all__ = [
     "RandomZoomCrop",
     "ViewMaker",
     "derive_view_seeds",
+    "draw_view",
     "information_preserving_pool",
     "information_preserving_transforms",
     "information_removing_pool",
@@ -697,17 +698,43 @@ class ViewMaker:
         raw_array = to_rgb_array(raw) if raw is not None and self.needs_raw_image else None
         out = {"original": original}
         for view, pool in self.pools.items():
-            if pool.before_resize and raw_array is not None:
-                perturbed = np.asarray(resize(pool(raw_array, seed=seed, epoch=epoch, example_id=example_id)))
-                if perturbed.shape != original.shape:
-                    raise ValueError(
-                        f"the {view!r} view of example {example_id!r} resizes to {perturbed.shape}, the image "
-                        f"is {original.shape}: resize must be the one that made the image from the raw one"
-                    )
-                out[view] = perturbed
-            else:
-                out[view] = pool(original, seed=seed, epoch=epoch, example_id=example_id)
+            out[view] = draw_view(view, pool, original, raw_array, resize, seed, epoch, example_id)
         return out
+
+
+def draw_view(
+    name: str,
+    pool: PerturbationPool,
+    original: np.ndarray,
+    raw: np.ndarray | None,
+    resize: Callable[[np.ndarray], np.ndarray] | None,
+    seed: int,
+    epoch: int,
+    example_id: str,
+) -> np.ndarray:
+    """One view of an example: ``pool`` applied to the raw image then resized when it acts before the
+    resize (and ``raw``/``resize`` are given), to the model's image otherwise.
+
+    Args:
+        name: the view's name (in errors).
+        pool: the pool that draws it.
+        original: ``uint8`` ``[H, W, 3]``, the image as the model sees it.
+        raw: ``uint8`` ``[h, w, 3]``, the image before its resize, or None.
+        resize: turns a perturbed ``raw`` into ``original``'s size.
+        seed, epoch, example_id: what seeds the draw.
+
+    Raises:
+        ValueError: the resized view does not match ``original``'s size.
+    """
+    if not (pool.before_resize and raw is not None and resize is not None):
+        return pool(original, seed=seed, epoch=epoch, example_id=example_id)
+    perturbed = np.asarray(resize(pool(raw, seed=seed, epoch=epoch, example_id=example_id)))
+    if perturbed.shape != original.shape:
+        raise ValueError(
+            f"the {name!r} view of example {example_id!r} resizes to {perturbed.shape}, the image "
+            f"is {original.shape}: resize must be the one that made the image from the raw one"
+        )
+    return perturbed
 
 
 def make_views(

@@ -25,7 +25,7 @@ from PIL import Image
 
 from cppo_lightning.audit import FLOOR, GREY, POOL, AuditView
 from cppo_lightning.batch import ORIGINAL, PRESERVING, REMOVING, PromptBatch
-from datamodules.perturbations import PerturbationPool, to_rgb_array
+from datamodules.perturbations import PerturbationPool, draw_view, to_rgb_array
 from datamodules.vqa import VisualQADataModule, VQADataset
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,8 @@ class AuditViewMaker:
         for name, pool in self._draws.items():
             if pool is None:
                 out[name] = np.full_like(original, GREY_LEVEL)
-            elif pool.before_resize and raw_array is not None and resize is not None:
-                out[name] = np.asarray(resize(pool(raw_array, seed=seed, epoch=epoch, example_id=example_id)))
             else:
-                out[name] = pool(original, seed=seed, epoch=epoch, example_id=example_id)
+                out[name] = draw_view(name, pool, original, raw_array, resize, seed, epoch, example_id)
         return out
 
 
