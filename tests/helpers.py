@@ -293,3 +293,16 @@ class SignalAtStep(pl.Callback):
 
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+def count_generate_calls(model) -> list[int]:
+    """Wraps ``model.generate`` (the real one still runs): each call appends its row count to the list returned."""
+    calls: list[int] = []
+    generate = model.generate
+
+    def counting(**inputs):
+        calls.append(len(inputs["input_ids"]))
+        return generate(**inputs)
+
+    model.generate = counting
+    return calls

@@ -16,6 +16,7 @@ def main(model_folder: str, output: str) -> None:
     from cppo_lightning.models import PolicyConfig, load_policy
     from cppo_lightning.rollout import EvaluationSampling, repeat_rows
     from datamodules import SyntheticTaskConfig, SyntheticVQADataModule
+    from helpers import count_generate_calls
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -31,14 +32,7 @@ def main(model_folder: str, output: str) -> None:
     data.setup("fit")
     prompts = next(iter(data.train_dataloader()))
     policy = load_policy(PolicyConfig(model_folder, finetuning="full"), reference=False)
-    calls = []
-    generate = policy.model.generate
-
-    def counting(**inputs):
-        calls.append(len(inputs["input_ids"]))
-        return generate(**inputs)
-
-    policy.model.generate = counting
+    calls = count_generate_calls(policy.model)
     rows = repeat_rows(prompts, 2, torch.device("cpu"))[: 4 if rank == 0 else 2]
     config = EvaluationSampling(
         samples_per_prompt=2, temperature=0.0, max_new_tokens=6, generation_rollouts=2

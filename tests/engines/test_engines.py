@@ -14,7 +14,7 @@ from cppo_lightning.models import LoRAConfig, PolicyConfig, load_policy
 from cppo_lightning.models.scoring import completion_logits
 from cppo_lightning.module import CPPOModule
 from cppo_lightning.objectives import GRPO, token_logprobs
-from helpers import ROOT, HandWrittenDataModule, demo_args, small_module
+from helpers import ROOT, HandWrittenDataModule, count_generate_calls, demo_args, small_module
 
 VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
 
@@ -191,14 +191,7 @@ def test_generation_in_calls_of_at_most_generation_rollouts_rows_gives_the_same_
     widths = [int(lengths[start : start + 3].max()) for start in (0, 3, 6)]
     assert min(widths) < whole.completion_ids.shape[1], "the test needs a call that returns a narrower block"
 
-    calls = []
-    generate = policy.model.generate
-
-    def counting(**inputs):
-        calls.append(len(inputs["input_ids"]))
-        return generate(**inputs)
-
-    policy.model.generate = counting
+    calls = count_generate_calls(policy.model)
     split = HFEngine().generate(
         policy, prompts, rows, EvaluationSampling(**settings, generation_rollouts=3), seed=0
     )
@@ -277,14 +270,7 @@ def test_validation_generates_within_the_rollouts_generation_bound(tiny_qwen):
         tiny_qwen, rollout=RolloutConfig(samples_per_prompt=4, max_new_tokens=6, generation_rollouts=3)
     )
     module.configure_model()
-    calls = []
-    generate = module.policy.model.generate
-
-    def counting(**inputs):
-        calls.append(len(inputs["input_ids"]))
-        return generate(**inputs)
-
-    module.policy.model.generate = counting
+    calls = count_generate_calls(module.policy.model)
     trainer = pl.Trainer(
         accelerator="cpu",
         logger=False,
