@@ -112,6 +112,12 @@ class Architecture:
     vllm: bool = False
     checkpoints: tuple[str, ...] = ()
     notes: str = ""
+    #: Image tokens attend to every token of their image, later ones included (Gemma 3's
+    #: ``token_type_ids`` blocks); the grouped forward builds the same mask.
+    bidirectional_image_attention: bool = False
+    #: Why the update cannot compute a prompt once for its group (None: it can; see
+    #: ``models/grouped.py``); such a family is scored one row per rollout.
+    shared_prefix_refusal: str | None = None
     #: Set for the fallback entry of a model type missing from the table.
     generic: bool = field(default=False, compare=False)
 
@@ -215,6 +221,10 @@ _ENTRIES = [
         processor=_QWEN_IMAGE_ONLY_3,
         tiny="qwen3_5",
         checkpoints=("Qwen/Qwen3.5-4B", "Qwen/Qwen3.5-9B"),
+        shared_prefix_refusal=(
+            "Qwen3.5: its Gated DeltaNet layers carry a recurrent state over every earlier token of the "
+            "sequence, so completions packed after one prompt would read their siblings"
+        ),
         notes=(
             "natively multimodal; three of four decoder layers are Gated DeltaNet (linear attention: "
             "LoRA adapts in_proj_qkv, in_proj_z, out_proj); patch 16 x merge 2; its chat template "
@@ -235,6 +245,7 @@ _ENTRIES = [
         unquantized=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
         image_tokens="fixed",
         token_keys=("token_type_ids",),
+        bidirectional_image_attention=True,
         tiny="gemma3",
         checkpoints=("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
         notes=(

@@ -409,6 +409,7 @@ class CPPOModule(pl.LightningModule):
             max_rows=update.micro_batch_rollouts,
             max_tokens=update.max_tokens_per_forward,
             chunk_tokens=update.logits_chunk_tokens,
+            shared_prefix=update.shared_prefix,
         )
         # With one optimizer step per rollout, sampled by the network being trained, the policy that
         # sampled is the one being updated: lp_old == lp.detach() and no old-policy pass is needed.
@@ -472,7 +473,7 @@ class CPPOModule(pl.LightningModule):
 
             # Sharded strategies gather weights in every forward: each rank must run as many.
             most = int(reduce(torch.tensor([float(len(plans))]), "max").item())
-            plans = split_to_count(plans, most, (scorer.prompt_lengths, scorer.completion_lengths, stacked))
+            plans = split_to_count(plans, most, scorer.plan_lengths(stacked))
         has_view = {request.name: view_rows.tolist() for request in requests if request.with_grad}
         totals = mini_batch_counts(rows, scorer.completion_lengths, has_view, len(plans))
         counts = BatchCounts(world_counts(totals, reduce), world_size=world, micro_batches=len(plans))

@@ -24,16 +24,24 @@ import torch
 from torch import Tensor, nn
 
 from cppo_lightning.batch import ORIGINAL, TEXT_KEYS, PromptBatch, concat_vision_inputs
+from cppo_lightning.models.grouped import (
+    Segment,
+    enable_grouped_attention,
+    grouped_hidden_states,
+    grouping_refusal,
+)
 from cppo_lightning.models.scoring import (
     LanguageModelHead,
     completion_hidden_states,
     divergence_positions,
     score_positions,
 )
+from cppo_lightning.models.vision_cache import VisionCache, merge_encoder_outputs, without_pixels
 from cppo_lightning.objectives import BatchCounts, ObjectiveInputs, ViewRequest, ViewScores
 from cppo_lightning.rollout import Rollout
 
 log = logging.getLogger(__name__)
+_REFUSALS_LOGGED: set[str] = set()
 
 
 @dataclass
@@ -57,6 +65,11 @@ class UpdateConfig:
         ppo_epochs: passes over the rollouts.
         gradient_clip_val: max gradient norm (None: no clipping).
         shuffle: shuffle rollouts between mini-batches (seeded).
+        shared_prefix: compute each prompt once for the rows of its group that share a forward (one
+            packed sequence per prompt and view, see :mod:`cppo_lightning.models.grouped`) and encode
+            each image once per rollout batch when the vision side is frozen. The same log-probs and
+            gradients as one row per rollout (false: today's per-row path, for comparison); an
+            architecture that cannot be grouped (Qwen3.5) is scored per row with a warning.
     """
 
     mini_batch_prompts: int | None = None
@@ -66,6 +79,7 @@ class UpdateConfig:
     ppo_epochs: int = 1
     gradient_clip_val: float | None = 1.0
     shuffle: bool = False
+    shared_prefix: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -104,10 +118,15 @@ class MicroBatch:
     prompt_length: int
     completion_length: int
     stacked_rows: int
+    #: Tokens of a grouped forward (each prompt once per view, then its rows' completions); None for
+    #: one row per rollout.
+    packed_tokens: int | None = None
 
     @property
     def tokens(self) -> int:
-        """Tokens of the stacked forward, padding included: what the budget counts."""
+        """Tokens of the forward: what the budget counts (padding included for one row per rollout)."""
+        if self.packed_tokens is not None:
+            return self.packed_tokens
         return self.stacked_rows * (self.prompt_length + self.completion_length)
 
 
@@ -166,8 +185,95 @@ def plan_micro_batches(
     return plans
 
 
+@dataclass(frozen=True)
+class GroupLengths:
+    """What a grouped plan needs to know of each rollout row (indexed by row).
+
+    Attributes:
+        examples: the prompt (example) of each row: rows of one example share its prompt.
+        prompt_lengths: real prompt tokens of each row's prompt (image tokens included).
+        completion_lengths: real completion tokens of each row.
+        stacked: image views each row is scored under in a forward (1 + its with-gradient views).
+    """
+
+    examples: Sequence[int]
+    prompt_lengths: Sequence[int]
+    completion_lengths: Sequence[int]
+    stacked: Sequence[int]
+
+    def micro_batch(self, rows: Sequence[int]) -> MicroBatch:
+        """A grouped micro-batch of these rows, its packed tokens counted: every prompt once per view its
+        rows need, plus every row's completion once per view."""
+        rows = list(rows)
+        views: dict[int, int] = {}
+        for r in rows:
+            views[self.examples[r]] = max(views.get(self.examples[r], 0), int(self.stacked[r]))
+        first = {self.examples[r]: r for r in rows}
+        packed = sum(int(self.prompt_lengths[first[e]]) * n for e, n in views.items())
+        packed += sum(int(self.completion_lengths[r]) * int(self.stacked[r]) for r in rows)
+        return MicroBatch(
+            rows,
+            max(int(self.prompt_lengths[r]) for r in rows),
+            max(int(self.completion_lengths[r]) for r in rows),
+            sum(int(self.stacked[r]) for r in rows),
+            packed_tokens=packed,
+        )
+
+
+def plan_grouped_micro_batches(
+    rows: Sequence[int], lengths: GroupLengths, max_rows: int | None = None, max_tokens: int | None = None
+) -> list[MicroBatch]:
+    """Micro-batches of whole groups for the grouped forward, under a row limit and a token budget.
+
+    A group is the rows of one prompt. Groups are taken largest first and packed greedily while the
+    packed tokens (:meth:`GroupLengths.micro_batch`: the prompt once per view, not once per row) stay
+    within ``max_tokens`` and the rows within ``max_rows``. A group that alone exceeds either is split
+    into runs of its rows (longest completions first), each a micro-batch with its own copy of the
+    prompt; a row that alone exceeds the budget gets a micro-batch of its own (the caller warns).
+
+    Returns:
+        list[MicroBatch]: every row exactly once, with ``packed_tokens`` set.
+    """
+    groups: dict[int, list[int]] = {}
+    for r in rows:
+        groups.setdefault(int(lengths.examples[r]), []).append(r)
+    order = sorted(groups.values(), key=lambda g: (-lengths.micro_batch(g).tokens, g[0]))
+
+    def fits(candidate: list[int]) -> bool:
+        if max_rows is not None and len(candidate) > max_rows:
+            return False
+        return max_tokens is None or lengths.micro_batch(candidate).tokens <= max_tokens
+
+    plans: list[MicroBatch] = []
+    current: list[int] = []
+    for group in order:
+        if current and fits(current + group):
+            current = current + group
+            continue
+        if current:
+            plans.append(lengths.micro_batch(current))
+            current = []
+        if fits(group):
+            current = list(group)
+            continue
+        # Split the group: runs of its rows, longest completions first, each with the prompt again.
+        run: list[int] = []
+        for r in sorted(group, key=lambda r: (-int(lengths.completion_lengths[r]), r)):
+            if run and not fits(run + [r]):
+                plans.append(lengths.micro_batch(run))
+                run = []
+            run.append(r)
+        if run:
+            plans.append(lengths.micro_batch(run))
+    if current:
+        plans.append(lengths.micro_batch(current))
+    return plans
+
+
 def split_to_count(
-    plans: list[MicroBatch], count: int, lengths: tuple[Sequence[int], Sequence[int], Sequence[int]]
+    plans: list[MicroBatch],
+    count: int,
+    lengths: tuple[Sequence[int], Sequence[int], Sequence[int]] | GroupLengths,
 ) -> list[MicroBatch]:
     """Split the largest micro-batches until there are ``count`` (sharded strategies need every rank
     to run the same number of forwards).
@@ -175,16 +281,20 @@ def split_to_count(
     Args:
         plans: micro-batches from :func:`plan_micro_batches`.
         count: the number wanted (at most the number of rows).
-        lengths: ``(prompt_lengths, completion_lengths, stacked)`` as given to the planner.
+        lengths: ``(prompt_lengths, completion_lengths, stacked)`` as given to the planner, or the
+            :class:`GroupLengths` of a grouped plan.
     """
     plans = list(plans)
-    prompts, completions, stacked = lengths
     while len(plans) < count:
         index = max(range(len(plans)), key=lambda i: (len(plans[i].rows), plans[i].tokens))
         rows = plans[index].rows
         if len(rows) < 2:
             raise ValueError(f"cannot split {len(plans)} micro-batches of single rows into {count}")
         halves = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+        if isinstance(lengths, GroupLengths):
+            plans[index : index + 1] = [lengths.micro_batch(half) for half in halves]
+            continue
+        prompts, completions, stacked = lengths
         plans[index : index + 1] = [
             MicroBatch(
                 half,
@@ -198,8 +308,9 @@ def split_to_count(
 
 
 def padding_fraction(plans: Iterable[MicroBatch], prompt_lengths, completion_lengths, stacked) -> float:
-    """Fraction of the planned forwards' tokens that are padding."""
-    plans = list(plans)
+    """Fraction of the planned forwards' tokens that are padding (0 for grouped forwards, whose flat
+    sequence has none)."""
+    plans = [plan for plan in plans if plan.packed_tokens is None]
     padded = sum(plan.tokens for plan in plans)
     real = sum(
         int(stacked[r]) * (int(prompt_lengths[r]) + int(completion_lengths[r]))
@@ -270,6 +381,8 @@ class RolloutScorer:
         max_rows: :attr:`UpdateConfig.micro_batch_rollouts`.
         max_tokens: :attr:`UpdateConfig.max_tokens_per_forward`.
         chunk_tokens: :attr:`UpdateConfig.logits_chunk_tokens`.
+        shared_prefix: :attr:`UpdateConfig.shared_prefix`: group the rows of a prompt into one forward
+            and encode each image once per rollout batch (frozen vision side).
     """
 
     def __init__(
@@ -281,6 +394,7 @@ class RolloutScorer:
         max_rows: int | None = None,
         max_tokens: int | None = None,
         chunk_tokens: int | None = None,
+        shared_prefix: bool = True,
     ) -> None:
         self.model = model
         self.batch = batch
@@ -302,6 +416,14 @@ class RolloutScorer:
         self.advantages = rollout.advantages.detach().cpu()
         self.precomputed = Precomputed()
         self.forwards = 0
+        self.shared_prefix = shared_prefix
+        self.vision_cache = VisionCache(batch) if shared_prefix else None
+        #: Prompt tokens the forwards computed, and those one row per rollout and view would have.
+        self.prompt_tokens_computed = 0
+        self.prompt_tokens_per_row = 0
+        self._grouping: dict[int, bool] = {}
+        self._cache_usable: dict[int, bool] = {}
+        self._prompts: dict[int, dict[str, Tensor]] = {}
         self._warned: set[int] = set()
 
     # ---- plans ----------------------------------------------------------------------------
@@ -313,26 +435,40 @@ class RolloutScorer:
 
     def plan(self, rows: Sequence[int], stacked: Sequence[int]) -> list[MicroBatch]:
         """Micro-batches of ``rows`` under this scorer's row limit and token budget (with a warning for
-        a row that alone exceeds the budget)."""
-        plans = plan_micro_batches(
-            rows, self.prompt_lengths, self.completion_lengths, stacked, self.max_rows, self.max_tokens
-        )
+        a row that alone exceeds the budget).
+
+        Grouped forwards (``shared_prefix``) hold whole groups and count packed tokens (each prompt once
+        per view); one row per rollout counts stacked rows times their padded length.
+        """
+        lengths = self.plan_lengths(stacked)
+        if isinstance(lengths, GroupLengths):
+            plans = plan_grouped_micro_batches(rows, lengths, self.max_rows, self.max_tokens)
+        else:
+            plans = plan_micro_batches(rows, *lengths, self.max_rows, self.max_tokens)
         over = [plan for plan in plans if self.max_tokens is not None and plan.tokens > self.max_tokens]
         new = [plan for plan in over if plan.rows[0] not in self._warned]
         if new:  # once per rollout and batch, not once per pass
             largest = max(new, key=lambda plan: plan.tokens)
             log.warning(
                 "%d rollout(s) alone need more than max_tokens_per_forward=%d tokens per forward (the "
-                "largest, rollout %d, %d: %d stacked rows x %d): each gets a forward of its own",
+                "largest, rollout %d, %d tokens in %d stacked rows): each gets a forward of its own",
                 len(new),
                 self.max_tokens,
                 largest.rows[0],
                 largest.tokens,
                 largest.stacked_rows,
-                largest.prompt_length + largest.completion_length,
             )
             self._warned.update(plan.rows[0] for plan in new)
         return plans
+
+    def plan_lengths(self, stacked: Sequence[int]) -> tuple[list[int], list[int], list[int]] | GroupLengths:
+        """What the planner (and :func:`split_to_count`) needs: :class:`GroupLengths` for grouped forwards,
+        ``(prompt_lengths, completion_lengths, stacked)`` for one row per rollout."""
+        if self._groups(self.model):
+            return GroupLengths(
+                self.example_rows, self.prompt_lengths, self.completion_lengths, list(stacked)
+            )
+        return self.prompt_lengths, self.completion_lengths, list(stacked)
 
     def micro_batch(self, rows: Sequence[int], stacked: int | None = None) -> MicroBatch:
         """A micro-batch of exactly these rows (lengths from the rollout)."""
@@ -360,20 +496,14 @@ class RolloutScorer:
         rows = torch.as_tensor(micro.rows, dtype=torch.long)
         length = micro.completion_length
         parts = [part for part in parts if len(part.local)]
-        pieces = []
-        for part in parts:
-            examples = [self.example_rows[r] for r in rows[part.local].tolist()]
-            pieces.append(self.batch.model_inputs(part.view, examples, prompt_length=micro.prompt_length))
-        inputs = {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0] if key in TEXT_KEYS}
-        inputs.update(
-            concat_vision_inputs([{k: v for k, v in p.items() if k not in TEXT_KEYS} for p in pieces])
-        )
         stacked = torch.cat([rows[part.local] for part in parts])
-        index = stacked.to(self.device)
-        completion = self.rollout.completion_ids[index, :length]
-        mask = self.rollout.completion_mask[index, :length]
         self.forwards += 1
-        hidden = completion_hidden_states(model, inputs, completion, mask)
+        self.prompt_tokens_per_row += sum(self.prompt_lengths[r] for r in stacked.tolist())
+        if self._groups(model):
+            hidden = self._grouped_hidden(model, parts, rows, length)
+        else:
+            hidden = self._row_hidden(model, parts, rows, stacked, micro.prompt_length, length)
+        completion = self.rollout.completion_ids[stacked.to(self.device), :length]
         width = hidden.shape[-1]
         flat_hidden, flat_ids = hidden.reshape(-1, width), completion.reshape(-1)
         head = LanguageModelHead.of(model)
@@ -421,6 +551,121 @@ class RolloutScorer:
             )
             divergence[view.view] = _dense(values, where - starts[number] * length, (sizes[number], length))
         return logprobs, entropies, divergence
+
+    def _groups(self, model: nn.Module) -> bool:
+        """Whether ``model``'s forwards are grouped (``shared_prefix`` and an architecture that can be)."""
+        key = id(model)
+        if key not in self._grouping:
+            grouped = self.shared_prefix and enable_grouped_attention(model)
+            if self.shared_prefix and not grouped:
+                reason = grouping_refusal(model)
+                if reason not in _REFUSALS_LOGGED:
+                    _REFUSALS_LOGGED.add(reason)
+                    log.warning("update.shared_prefix: scoring one row per rollout (%s)", reason)
+            self._grouping[key] = grouped
+        return self._grouping[key]
+
+    def _caches(self, model: nn.Module) -> bool:
+        """Whether ``model``'s image features come from the rollout batch's :class:`VisionCache`."""
+        key = id(model)
+        if key not in self._cache_usable:
+            self._cache_usable[key] = self.vision_cache is not None and VisionCache.usable(model)
+        return self._cache_usable[key]
+
+    def _encoder_outputs(self, model: nn.Module, view: str, examples: Sequence[int]):
+        """Cached image features of these examples (None: the forward encodes its images itself)."""
+        return self.vision_cache.outputs(model, view, examples) if self._caches(model) else None
+
+    def _row_hidden(
+        self,
+        model: nn.Module,
+        parts: list[_Part],
+        rows: Tensor,
+        stacked: Tensor,
+        prompt_length: int,
+        length: int,
+    ) -> Tensor:
+        """[R, length, H] hidden states of the stacked rows, one row per rollout and view (left-padded prompts)."""
+        pieces = []
+        for part in parts:
+            examples = [self.example_rows[r] for r in rows[part.local].tolist()]
+            inputs = self.batch.model_inputs(part.view, examples, prompt_length=prompt_length)
+            cached = self._encoder_outputs(model, part.view, examples)
+            if cached is not None:
+                inputs = without_pixels(inputs)
+                inputs["mm_encoder_outputs"] = cached
+            pieces.append(inputs)
+        inputs = {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0] if key in TEXT_KEYS}
+        if "mm_encoder_outputs" in pieces[0]:
+            inputs["mm_encoder_outputs"] = {
+                "image": merge_encoder_outputs([piece["mm_encoder_outputs"] for piece in pieces])
+            }
+        vision = [
+            {k: v for k, v in p.items() if k not in TEXT_KEYS and k != "mm_encoder_outputs"} for p in pieces
+        ]
+        inputs.update(concat_vision_inputs(vision))
+        self.prompt_tokens_computed += sum(self.prompt_lengths[r] for r in stacked.tolist())
+        index = stacked.to(self.device)
+        completion = self.rollout.completion_ids[index, :length]
+        mask = self.rollout.completion_mask[index, :length]
+        return completion_hidden_states(model, inputs, completion, mask)
+
+    def _grouped_hidden(self, model: nn.Module, parts: list[_Part], rows: Tensor, length: int) -> Tensor:
+        """[R, length, H] hidden states of the stacked rows from one grouped forward (see
+        :mod:`cppo_lightning.models.grouped`): one segment per (view, prompt) of the micro-batch."""
+        keys: dict[tuple[str, int], int] = {}
+        members: list[list[int]] = []  # stacked positions of each segment's completions
+        order: list[tuple[str, int]] = []
+        stacked_rows = []
+        for part in parts:
+            for row in rows[part.local].tolist():
+                key = (part.view, self.example_rows[row])
+                if key not in keys:
+                    keys[key] = len(order)
+                    order.append(key)
+                    members.append([])
+                members[keys[key]].append(len(stacked_rows))
+                stacked_rows.append(row)
+        ids = self.rollout.completion_ids
+        segments, vision = [], []
+        for (view, example), positions in zip(order, members):
+            completions = [
+                ids[stacked_rows[p], : max(0, self.completion_lengths[stacked_rows[p]] - 1)]
+                for p in positions
+            ]
+            segments.append(Segment.of(self._prompt(example), completions, model))
+            vision.append(self.batch.vision[view][example])
+        cached = None
+        if self._caches(model):
+            cached = merge_encoder_outputs(
+                [self.vision_cache.outputs(model, view, [example]) for view, example in order]
+            )
+        hidden, groups = grouped_hidden_states(model, segments, vision, cached)
+        self.prompt_tokens_computed += groups.prompt_tokens
+        # Row r's state predicting its token t: its prompt's last token for t = 0, its own token t - 1
+        # after that; positions past its length are never read (index 0).
+        index = torch.zeros(len(stacked_rows), length, dtype=torch.long)
+        number = 0
+        last = groups.last_prompt_token.cpu()
+        flat = groups.completion_index.cpu()
+        for segment, positions in enumerate(members):
+            for p in positions:
+                n = self.completion_lengths[stacked_rows[p]]
+                if n:
+                    index[p, 0] = last[segment]
+                    index[p, 1:n] = flat[number, : n - 1]
+                number += 1
+        return hidden[index.to(hidden.device)]
+
+    def _prompt(self, example: int) -> dict[str, Tensor]:
+        """The prompt's token-axis inputs without padding."""
+        if example not in self._prompts:
+            valid = self.batch.attention_mask[example].bool()
+            prompt = {"input_ids": self.batch.input_ids[example][valid]}
+            for key, value in self.batch.text_inputs.items():
+                prompt[key] = value[example][valid]
+            self._prompts[example] = prompt
+        return self._prompts[example]
 
     def inputs(
         self,
@@ -574,7 +819,9 @@ __all__ = [
     "BatchCounts",
     "mini_batch_counts",
     "padding_fraction",
+    "plan_grouped_micro_batches",
     "plan_micro_batches",
+    "GroupLengths",
     "split_to_count",
     "world_counts",
 ]

@@ -59,6 +59,23 @@ def with_completion(prompt_inputs: Mapping[str, Tensor], completion_ids: Tensor,
     return inputs
 
 
+def row_positions(model: nn.Module, inputs: dict) -> dict:
+    """``inputs`` with ``position_ids`` counted from each row's first real token, for 1-D RoPE models.
+
+    Left-padded rows would otherwise count positions from the first padding column. RoPE depends on
+    position differences only, but computes its angles in float32, so a shift changes the rounding:
+    counting as ``generate`` does (from the attention mask) makes the scores independent of how much
+    padding a micro-batch adds, and equal to the grouped forward's. Models with 3-D M-RoPE (a
+    ``get_rope_index``) derive their positions from the attention mask themselves.
+    """
+    backbone = LanguageModelHead.of(model).backbone
+    if hasattr(backbone, "get_rope_index") or "position_ids" in inputs:
+        return inputs
+    mask = inputs["attention_mask"].long()
+    inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return inputs
+
+
 def completion_logits(
     model: nn.Module, prompt_inputs: Mapping[str, Tensor], completion_ids: Tensor, mask: Tensor
 ) -> Tensor:
@@ -78,7 +95,7 @@ def completion_logits(
         Tensor: [R, C, V]; row t holds the logits that predicted ``completion_ids[:, t]``.
     """
     length = completion_ids.shape[1]
-    inputs = with_completion(prompt_inputs, completion_ids, mask)
+    inputs = row_positions(model, with_completion(prompt_inputs, completion_ids, mask))
     # The logit predicting completion token t sits at position P + t - 1: keep the last C + 1, drop one.
     outputs = model(**inputs, logits_to_keep=length + 1, use_cache=False)
     return outputs.logits[:, :-1]
@@ -151,7 +168,7 @@ def completion_hidden_states(
         mask (Tensor): [R, C] completion mask.
     """
     length = completion_ids.shape[1]
-    inputs = with_completion(prompt_inputs, completion_ids, mask)
+    inputs = row_positions(model, with_completion(prompt_inputs, completion_ids, mask))
     hidden = LanguageModelHead.of(model).backbone(**inputs, use_cache=False)[0]
     # The state predicting completion token t sits at position P + t - 1.
     return hidden[:, -length - 1 : -1]
