@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -34,7 +34,7 @@ from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.engines import RolloutEngine, build_engine, sampler_logprob_mismatch
 from cppo_lightning.metrics import AverageAccuracy, RewardStatistics
 from cppo_lightning.models.loading import LoRAConfig, Policy, PolicyConfig, load_policy
-from cppo_lightning.objectives import CPPO, BatchCounts, Objective, group_advantages
+from cppo_lightning.objectives import CPPO, Objective, group_advantages
 from cppo_lightning.rewards import DEFAULT_REWARDS, resolve_reward_function
 from cppo_lightning.rollout import (
     EvaluationSampling,
@@ -47,15 +47,7 @@ from cppo_lightning.rollout import (
     reward_inputs,
     seeded,
 )
-from cppo_lightning.update import (
-    MicroBatch,
-    RolloutScorer,
-    UpdateConfig,
-    mini_batch_counts,
-    padding_fraction,
-    split_to_count,
-    world_counts,
-)
+from cppo_lightning.update import Collective, PolicyUpdate, StepStatistics, UpdateConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,55 +88,6 @@ class EvaluationConfig:
         )
         if problems:
             raise ValueError("evaluation: " + "; ".join(problems))
-
-
-@dataclass
-class _StepStatistics:
-    """Metrics of the optimizer steps of one RL step, kept on the device until they are logged.
-
-    The objective's metrics are shares (see ``BatchCounts``): summed over the micro-batches of an
-    optimizer step they give that mini-batch's value; the RL step logs their mean over its steps.
-    """
-
-    sums: dict[str, Tensor] = field(default_factory=dict)
-    steps: int = 0
-    grad_norm: Tensor | None = None
-    padding: float = 0.0
-    micro_batches: int = 0
-    forwards: int = 0
-    _norms: list[Tensor] = field(default_factory=list)
-    _padding: list[float] = field(default_factory=list)
-    _micro: list[int] = field(default_factory=list)
-
-    def add(self, metrics: Mapping[str, Tensor]) -> None:
-        """Add one micro-batch's metric shares."""
-        for key, value in metrics.items():
-            value = value.detach().float()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-
-    def merge(self, step: _StepStatistics) -> None:
-        """Add one completed optimizer step."""
-        for key, value in step.sums.items():
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.steps += 1
-        if step.grad_norm is not None:
-            self._norms.append(step.grad_norm.float())
-        self._padding.append(step.padding)
-        self._micro.append(step.micro_batches)
-
-    def means(self) -> dict[str, float]:
-        """Per-step means, with one device-to-host copy."""
-        if not self.steps:
-            return {}
-        keys = sorted(self.sums)
-        values = [self.sums[key] / self.steps for key in keys]
-        if self._norms:
-            keys.append("grad_norm")
-            values.append(torch.stack(self._norms).mean())
-        means = dict(zip(keys, torch.stack(values).cpu().tolist())) if values else {}
-        means["padding_fraction"] = sum(self._padding) / len(self._padding)
-        means["micro_batches"] = sum(self._micro) / len(self._micro)
-        return means
 
 
 def _as_dataclass(cls, value):
@@ -242,7 +185,6 @@ class CPPOModule(pl.LightningModule):
         #: Seconds of each phase of the last RL step (see :meth:`phase`).
         self.phase_seconds: dict[str, float] = {}
         self._validated_batch_size: int | None = None
-        self._reduce = None
         self._validate_sizes()
 
     # ------------------------------------------------------------------ set-up
@@ -381,10 +323,11 @@ class CPPOModule(pl.LightningModule):
     def phase(self, name: str) -> Iterator[None]:
         """One phase of the RL step, timed into :attr:`phase_seconds` and logged as ``time/<name>_s``.
 
-        The phases run one after another, never nested: ``rollout`` (sampling and rewards),
-        ``reference`` (the update's no-grad scoring before any gradient: reference, old-policy and
-        frozen-view log-probs) and ``gradient`` (forwards, backwards and optimizer steps). Subclasses
-        may extend it, e.g. to measure memory per phase (``benchmarks/real_scale.py``).
+        The phases run one after another, never nested: ``rollout`` (sampling and rewards), the update's
+        no-grad scoring before any gradient, ``scoring`` (old-policy and frozen-view log-probs, with the
+        policy) and ``reference`` (the reference policy's log-probs), and ``gradient`` (forwards,
+        backwards and optimizer steps). Subclasses may extend it, e.g. to measure memory per phase
+        (``benchmarks/real_scale.py``).
         """
         started = time.perf_counter()
         try:
@@ -392,238 +335,55 @@ class CPPOModule(pl.LightningModule):
         finally:
             self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - started
 
-    def scorer(self, batch: PromptBatch, rollout: Rollout, optimizer_steps: int = 1) -> RolloutScorer:
-        """The scorer of one rollout batch, with the no-grad scores the update reads computed.
+    def policy_update(self) -> PolicyUpdate:
+        """The update loop of one rollout batch (:class:`~cppo_lightning.update.PolicyUpdate`), wired to
+        this module's trainer: Lightning's backward and gradient clipping, the strategy's collectives."""
+        attached = self._trainer is not None
+        collective = Collective.of_strategy(self.trainer.strategy, self.device) if attached else Collective()
 
-        Args:
-            batch: the prompts.
-            rollout: their rollouts.
-            optimizer_steps: optimizer steps that will follow (more than one needs ``lp_old``).
-        """
-        update, objective = self.update_config, self.objective
-        scorer = RolloutScorer(
-            self.policy.model,
-            batch,
-            rollout,
+        def backward(loss: Tensor, last: bool) -> None:
+            if not attached:  # used on its own (tests, notebooks): plain autograd
+                loss.backward()
+                return
+            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+            blocking = getattr(self.trainer.strategy, "block_backward_sync", None)
+            with blocking() if blocking is not None and not last else nullcontext():
+                self.manual_backward(loss)
+
+        def clip(optimizer, max_norm: float) -> None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+        return PolicyUpdate(
+            self.policy,
+            self.objective,
+            self.update_config,
             temperature=self.rollout_config.temperature,
-            max_rows=update.micro_batch_rollouts,
-            max_tokens=update.max_tokens_per_forward,
-            chunk_tokens=update.logits_chunk_tokens,
-            shared_prefix=update.shared_prefix,
+            samples_from_policy=self.engine.samples_from_policy,
+            collective=collective,
+            backward=backward,
+            clip=clip if attached else None,
+            phase=self.phase,
+            on_step=lambda: self.engine.sync(self.policy),  # the next rollout samples the new weights
         )
-        # With one optimizer step per rollout, sampled by the network being trained, the policy that
-        # sampled is the one being updated: lp_old == lp.detach() and no old-policy pass is needed.
-        # Another sampler (vLLM) is not the trained network: lp_old then comes from the policy, and
-        # the gap between the two is logged.
-        needs_old = optimizer_steps > 1 or not self.engine.samples_from_policy
-        frozen = [request.name for request in objective.view_requests() if not request.with_grad]
-        with torch.no_grad():
-            scorer.precompute(old=needs_old, reference=None, frozen_views=frozen)
-            old = scorer.precomputed.old_logprobs
-            if old is not None and rollout.sampler_logprobs is not None:
-                rollout.sampler_logprob_mismatch = sampler_logprob_mismatch(
-                    rollout.sampler_logprobs, old, rollout.completion_mask
-                )
-            if objective.needs_reference:
-                with self.policy.reference() as reference:
-                    scorer.precomputed.ref_logprobs = scorer.score_all(reference)
-                self.reference_forwards += 1
-        return scorer
 
-    def update(self, batch: PromptBatch, rollout: Rollout) -> _StepStatistics:
-        """Optimizer steps on one rollout batch: mini-batches x micro-batches x PPO epochs.
-
-        Reads like a plain training loop: score what the update needs without gradient once,
-        then for each mini-batch plan its micro-batches, accumulate their gradients, clip, step.
-        """
-        update, group = self.update_config, rollout.group_size
-        mini_rows = (update.mini_batch_prompts or len(batch)) * group
-        optimizer_steps = update.ppo_epochs * (len(rollout) // mini_rows)
-        with self.phase("reference"):
-            scorer = self.scorer(batch, rollout, optimizer_steps)
-        scheduler = self.lr_schedulers()
-        statistics = _StepStatistics()
-        with self.phase("gradient"):
-            for epoch in range(update.ppo_epochs):
-                order = torch.arange(len(rollout))
-                if update.shuffle:
-                    order = order[torch.randperm(len(rollout), device="cpu")]
-                for start in range(0, len(rollout), mini_rows):
-                    rows = order[start : start + mini_rows].tolist()
-                    self._optimizer_step(scorer, rows, statistics, record=epoch == 0)
-                    if scheduler is not None:
-                        scheduler.step()
-        statistics.forwards = scorer.forwards
-        return statistics
-
-    def _plan(self, scorer: RolloutScorer, rows: list[int]) -> tuple[list[MicroBatch], BatchCounts, float]:
-        """Micro-batches of one mini-batch (the same number on every rank) and its counts."""
-        objective = self.objective
-        requests = objective.view_requests()
-        view_rows = objective.view_rows(scorer.advantages)
-        stacked = scorer.stacked_rows(requests, view_rows)
-        plans = scorer.plan(rows, stacked)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        reduce = None
-        if world > 1:
-            strategy = self.trainer.strategy
-
-            def reduce(tensor: Tensor, op: str = "sum") -> Tensor:
-                return strategy.reduce(tensor.to(self.device), reduce_op=op).cpu()
-
-            # Sharded strategies gather weights in every forward: each rank must run as many.
-            most = int(reduce(torch.tensor([float(len(plans))]), "max").item())
-            plans = split_to_count(plans, most, scorer.plan_lengths(stacked))
-        has_view = {request.name: view_rows.tolist() for request in requests if request.with_grad}
-        totals = mini_batch_counts(rows, scorer.completion_lengths, has_view, len(plans))
-        counts = BatchCounts(world_counts(totals, reduce), world_size=world, micro_batches=len(plans))
-        padding = padding_fraction(plans, scorer.prompt_lengths, scorer.completion_lengths, stacked)
-        self._reduce = reduce
-        return plans, counts, padding
-
-    def _select_in_advance(
-        self, scorer: RolloutScorer, plans: list[MicroBatch], counts: BatchCounts
-    ) -> tuple[list[dict[str, Tensor]], BatchCounts]:
-        """The objective's token masks for every micro-batch, from a no-grad pass, and their totals.
-
-        The CPL's masked mean runs over the perception tokens of the whole mini-batch, whose number
-        is known only once the entropies under ``I`` and ``I-`` are, and a micro-batch's backward
-        needs it. So when a mini-batch spans several micro-batches, a forward without gradient (and
-        without stored activations) over the rows that can hold perception tokens (``view_rows``:
-        ``A > 0`` under gating) and the views the selection reads finds the masks first. The other
-        exact methods cost more: a second backward of the CPL into a second gradient buffer, or
-        keeping every micro-batch's graph until the last forward.
-        """
-        objective = self.objective
-        requests = [request for request in objective.view_requests() if request.with_grad and request.entropy]
-        view_rows = objective.view_rows(scorer.advantages)
-        needs_forward = objective.needs_entropy or bool(requests)
-        found: list[tuple[list[int], MicroBatch, dict[str, Tensor]]] = []
-        with torch.no_grad():
-            for micro in plans:
-                local = [index for index, row in enumerate(micro.rows) if view_rows[row]]
-                if not local:
-                    found.append((local, micro, {}))
-                    continue
-                sub = scorer.micro_batch([micro.rows[index] for index in local])
-                if needs_forward:
-                    inputs = scorer.inputs(sub, requests, view_rows, entropy=objective.needs_entropy)
-                else:
-                    inputs = scorer.bare_inputs(sub)
-                inputs.counts = counts
-                found.append((local, sub, objective.select_tokens(inputs).masks))
-        names = sorted({name for _, _, masks in found for name in masks})
-        selected = []
-        for (local, sub, masks), micro in zip(found, plans):
-            full = {}
-            for name in names:
-                mask = torch.zeros(
-                    len(micro.rows), micro.completion_length, dtype=torch.bool, device=self.device
-                )
-                if name in masks:
-                    mask[torch.as_tensor(local, device=self.device), : sub.completion_length] = masks[name]
-                full[name] = mask
-            selected.append(full)
-        return selected, counts.with_totals(**self._selection_totals(selected))
-
-    def _selection_totals(self, selected: list[dict[str, Tensor]]) -> dict[str, float]:
-        """Selected tokens per name over the mini-batch and every rank (one collective)."""
-        names = sorted({name for masks in selected for name in masks})
-        if not names:
-            return {}
-        local = torch.stack(
-            [sum(masks[name].sum() for masks in selected if name in masks).double() for name in names]
-        ).cpu()
-        summed = local if self._reduce is None else self._reduce(local)
-        return dict(zip(names, summed.tolist()))
-
-    def accumulate_gradients(
-        self, scorer: RolloutScorer, rows: list[int], record: bool = False
-    ) -> tuple[_StepStatistics, list[Tensor]]:
-        """Backward of one mini-batch's loss, micro-batch by micro-batch, into ``.grad``.
-
-        The gradients equal those of the whole mini-batch in one forward, whatever the micro-batch
-        settings (see ``BatchCounts``); the parameters are not updated.
-
-        Args:
-            scorer: the rollout batch's scorer (:meth:`scorer`).
-            rows: the mini-batch's rollout rows.
-            record: store the objective's per-token diagnostics in the rollout (for callbacks).
-
-        Returns:
-            The mini-batch's metrics (not yet merged) and each micro-batch's loss.
-        """
-        objective = self.objective
-        plans, counts, padding = self._plan(scorer, rows)
-        preselected = None
-        if objective.selects_tokens and objective.normalises_over_mini_batch and len(plans) > 1:
-            preselected, counts = self._select_in_advance(scorer, plans, counts)
-        requests = objective.view_requests()
-        view_rows = objective.view_rows(scorer.advantages)
-        step = _StepStatistics(padding=padding, micro_batches=len(plans))
-        losses = []
-        for index, micro in enumerate(plans):
-            inputs = scorer.inputs(micro, requests, view_rows, entropy=objective.needs_entropy)
-            inputs.counts = counts
-            if objective.selects_tokens:
-                if preselected is not None:
-                    inputs.selected = preselected[index]
-                elif objective.normalises_over_mini_batch:  # one micro-batch: its masks give the totals
-                    inputs.selected = objective.select_tokens(inputs).masks
-                    counts = counts.with_totals(**self._selection_totals([inputs.selected]))
-                    inputs.counts = counts
-            output = objective(inputs)
-            self._backward(output.loss, last=index == len(plans) - 1)
-            losses.append(output.loss.detach())
-            step.add(output.metrics)
-            if record:
-                scorer.rollout.record(output.diagnostics, torch.as_tensor(micro.rows, device=self.device))
-        return step, losses
-
-    def _backward(self, loss: Tensor, last: bool) -> None:
-        if self._trainer is None:  # used on its own (tests, notebooks): plain autograd
-            loss.backward()
-            return
-        # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-        blocking = getattr(self.trainer.strategy, "block_backward_sync", None)
-        with blocking() if blocking is not None and not last else nullcontext():
-            self.manual_backward(loss)
-
-    def _optimizer_step(
-        self, scorer: RolloutScorer, rows: list[int], statistics: _StepStatistics, record: bool
-    ) -> None:
-        optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
-        step, losses = self.accumulate_gradients(scorer, rows, record)
-        gradients = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
-        # One sync per optimizer step: a non-finite loss or gradient norm skips the step.
-        loss_finite = bool(torch.isfinite(torch.stack(losses)).all())
-        finite = loss_finite and bool(torch.isfinite(norm))
-        if self._reduce is not None:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            problem = "gradient norm" if loss_finite else "loss"
-            log.warning("step %d: skipping an optimizer step (non-finite %s)", self.global_step, problem)
-            return
-        if self.update_config.gradient_clip_val is not None:
-            self.clip_gradients(
-                optimizer,
-                gradient_clip_val=self.update_config.gradient_clip_val,
-                gradient_clip_algorithm="norm",
+    def update(self, batch: PromptBatch, rollout: Rollout) -> StepStatistics:
+        """Optimizer steps on one rollout batch (see :class:`~cppo_lightning.update.PolicyUpdate`)."""
+        updater = self.policy_update()
+        updater.global_step = self.global_step
+        statistics = updater.run(batch, rollout, self.optimizers(), self.lr_schedulers())
+        self.reference_forwards += updater.reference_passes
+        self.skipped_steps += statistics.skipped
+        old = updater.last_scorer.precomputed.old_logprobs if updater.last_scorer is not None else None
+        if old is not None and rollout.sampler_logprobs is not None:
+            rollout.sampler_logprob_mismatch = sampler_logprob_mismatch(
+                rollout.sampler_logprobs, old, rollout.completion_mask
             )
-        optimizer.step()
-        step.grad_norm = norm.detach()
-        statistics.merge(step)
-        # The next rollout must sample from the updated weights.
-        self.engine.sync(self.policy)
+        return statistics
 
     # ------------------------------------------------------------------ logging
 
     def _log_training(
-        self, rollout: Rollout, statistics: _StepStatistics, rollout_time: float, update_time: float
+        self, rollout: Rollout, statistics: StepStatistics, rollout_time: float, update_time: float
     ) -> None:
         self.reward_statistics.update(rollout.rewards, rollout.group_size)
         values = dict(self.reward_statistics.compute())
@@ -639,6 +399,7 @@ class CPPOModule(pl.LightningModule):
         values["response_length_max"] = lengths.max()
         values.update(statistics.means())
         values["forwards"] = float(statistics.forwards)
+        values["prompt_tokens_saved"] = statistics.prompt_tokens_saved
         values["skipped_steps"] = float(self.skipped_steps)
         if rollout.sampler_logprob_mismatch is not None:
             values["sampler_logprob_mismatch"] = rollout.sampler_logprob_mismatch
@@ -646,7 +407,9 @@ class CPPOModule(pl.LightningModule):
         timing = {
             "time/rollout_s": rollout_time,
             "time/update_s": update_time,
-            # The update's two parts: its no-grad scoring (reference/old policy) and the gradient pass.
+            # The update's parts: no-grad scoring with the policy (old policy, frozen views), with the
+            # reference policy, and the gradient pass.
+            "time/scoring_s": self.phase_seconds.get("scoring", 0.0),
             "time/reference_s": self.phase_seconds.get("reference", 0.0),
             "time/gradient_s": self.phase_seconds.get("gradient", 0.0),
             "throughput/generated_tokens_per_s": float(lengths.sum()) / max(rollout_time, 1e-9),

@@ -230,8 +230,12 @@ def generate(
     eos_token_ids: list[int],
     pad_token_id: int,
     synced_gpus: bool = False,
+    samples: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Sample one completion per input row.
+    """Sample ``samples`` completions per input row (consecutive rows of the output).
+
+    ``generate`` encodes each row's image and prefills its prompt once, then expands the batch ``samples``
+    times: the same completions as ``samples`` repeated input rows, at a fraction of the prefill.
 
     Returns:
         ``(completion_ids [R, C], completion_mask [R, C])``.
@@ -242,6 +246,8 @@ def generate(
         kwargs["min_new_tokens"] = config.min_new_tokens
     if sampling:
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+    if samples > 1:
+        kwargs["num_return_sequences"] = samples
     sequences = model.generate(
         **inputs, eos_token_id=eos_token_ids, pad_token_id=pad_token_id, synced_gpus=synced_gpus, **kwargs
     )

@@ -17,7 +17,8 @@ Everything the update computes with the policy goes through :class:`RolloutScore
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -811,7 +812,385 @@ def world_counts(counts: dict[str, float], reduce) -> dict[str, float]:
     return dict(zip(keys, summed.tolist()))
 
 
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class StepStatistics:
+    """Metrics of the optimizer steps of one RL step, kept on the device until they are logged.
+
+    The objective's metrics are shares (see ``BatchCounts``): summed over the micro-batches of an
+    optimizer step they give that mini-batch's value; the RL step logs their mean over its steps.
+
+    Attributes:
+        forwards: forwards of the update (no-grad scoring included).
+        skipped: optimizer steps skipped for a non-finite loss or gradient norm.
+        prompt_tokens_saved: fraction of the prompt tokens one row per rollout would compute that the
+            grouped forwards did not (0 with ``shared_prefix: false``).
+    """
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    steps: int = 0
+    grad_norm: Tensor | None = None
+    padding: float = 0.0
+    micro_batches: int = 0
+    forwards: int = 0
+    skipped: int = 0
+    prompt_tokens_saved: float = 0.0
+    _norms: list[Tensor] = field(default_factory=list)
+    _padding: list[float] = field(default_factory=list)
+    _micro: list[int] = field(default_factory=list)
+
+    def add(self, metrics: Mapping[str, Tensor]) -> None:
+        """Add one micro-batch's metric shares."""
+        for key, value in metrics.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def merge(self, step: StepStatistics) -> None:
+        """Add one completed optimizer step."""
+        for key, value in step.sums.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.steps += 1
+        if step.grad_norm is not None:
+            self._norms.append(step.grad_norm.float())
+        self._padding.append(step.padding)
+        self._micro.append(step.micro_batches)
+
+    def means(self) -> dict[str, float]:
+        """Per-step means, with one device-to-host copy."""
+        if not self.steps:
+            return {}
+        keys = sorted(self.sums)
+        values = [self.sums[key] / self.steps for key in keys]
+        if self._norms:
+            keys.append("grad_norm")
+            values.append(torch.stack(self._norms).mean())
+        means = dict(zip(keys, torch.stack(values).cpu().tolist())) if values else {}
+        means["padding_fraction"] = sum(self._padding) / len(self._padding)
+        means["micro_batches"] = sum(self._micro) / len(self._micro)
+        return means
+
+
+@dataclass(frozen=True)
+class Collective:
+    """What the update needs from the other ranks, passed explicitly (one process: nothing).
+
+    Args:
+        world_size: ranks that share the mini-batch.
+        reduce: ``(tensor, op) -> tensor``, ``op`` one of ``"sum"``, ``"max"``: a CPU tensor reduced
+            over ranks (None with one rank).
+        all_true: ``bool -> bool``, whether a condition holds on every rank.
+    """
+
+    world_size: int = 1
+    reduce: Callable[[Tensor, str], Tensor] | None = None
+    all_true: Callable[[bool], bool] | None = None
+
+    @classmethod
+    def of_strategy(cls, strategy, device: torch.device) -> Collective:
+        """The collectives of a Lightning strategy (one rank: none)."""
+        if strategy.world_size == 1:
+            return cls()
+
+        def reduce(tensor: Tensor, op: str = "sum") -> Tensor:
+            return strategy.reduce(tensor.to(device), reduce_op=op).cpu()
+
+        def all_true(condition: bool) -> bool:
+            return bool(strategy.reduce_boolean_decision(condition, all=True))
+
+        return cls(strategy.world_size, reduce, all_true)
+
+    def sum(self, counts: dict[str, float]) -> dict[str, float]:
+        """Sum named counts over ranks in one collective."""
+        return world_counts(counts, self.reduce)
+
+    def most(self, value: int) -> int:
+        """The largest ``value`` of any rank."""
+        if self.reduce is None:
+            return value
+        return int(self.reduce(torch.tensor([float(value)]), "max").item())
+
+    def every(self, condition: bool) -> bool:
+        """Whether ``condition`` holds on every rank."""
+        return condition if self.all_true is None else self.all_true(condition)
+
+
+class PolicyUpdate:
+    """The update of one rollout batch, start to end: the one owner of the update loop.
+
+    Score without gradient what the update reads (old-policy, reference and frozen-view log-probs), then
+    per mini-batch: plan its micro-batches, find the token masks in advance when the loss needs their
+    mini-batch totals, accumulate the micro-batches' gradients, skip a non-finite step, clip, step the
+    optimizer and its scheduler, sync the sampler. Nothing here reads Lightning: the training module
+    passes the backward, the gradient clipping and the collectives.
+
+    Args:
+        policy: the policy (its model, trainable parameters and reference).
+        objective: GRPO, CPPO or PAPO.
+        config: the update's settings.
+        temperature: the sampling temperature (divides the logits when re-scoring).
+        samples_from_policy: whether the rollouts were sampled by the trained network itself (HF); a
+            separate sampler (vLLM) needs the old policy scored.
+        collective: the other ranks (default: one process).
+        backward: ``(loss, last_micro_batch) -> None`` (default: ``loss.backward()``).
+        clip: ``(optimizer, max_norm) -> None`` (default: ``torch.nn.utils.clip_grad_norm_``).
+        phase: ``name -> context manager`` timing a phase (default: none).
+        on_step: called after every optimizer step (the module syncs the rollout engine).
+    """
+
+    def __init__(
+        self,
+        policy,
+        objective,
+        config: UpdateConfig,
+        temperature: float = 1.0,
+        samples_from_policy: bool = True,
+        collective: Collective = Collective(),
+        backward: Callable[[Tensor, bool], None] | None = None,
+        clip: Callable[[torch.optim.Optimizer, float], None] | None = None,
+        phase: Callable[[str], AbstractContextManager] | None = None,
+        on_step: Callable[[], None] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.objective = objective
+        self.config = config
+        self.temperature = temperature
+        self.samples_from_policy = samples_from_policy
+        self.collective = collective
+        self._backward = backward or (lambda loss, last: loss.backward())
+        self._clip = clip or (
+            lambda optimizer, norm: torch.nn.utils.clip_grad_norm_(self._parameters(), norm)
+        )
+        self._phase = phase or (lambda name: nullcontext())
+        self._on_step = on_step or (lambda: None)
+        #: Reference forwards run (a test checks that beta = 0 runs none).
+        self.reference_passes = 0
+        self.requirements = None
+        #: The scorer of the last rollout batch (its no-grad scores, counters).
+        self.last_scorer: RolloutScorer | None = None
+        #: The trainer's optimizer steps before this update (for messages).
+        self.global_step = 0
+
+    def _parameters(self) -> list[nn.Parameter]:
+        return list(self.policy.trainable_parameters())
+
+    # ---- no-grad scoring ------------------------------------------------------------------
+
+    def score(self, batch: PromptBatch, rollout: Rollout, optimizer_steps: int = 1) -> RolloutScorer:
+        """The scorer of one rollout batch, with the no-grad scores the update reads computed.
+
+        Args:
+            batch: the prompts.
+            rollout: their rollouts.
+            optimizer_steps: optimizer steps that will follow (more than one needs ``lp_old``).
+        """
+        config = self.config
+        self.requirements = needs = self.objective.requirements(rollout.advantages)
+        scorer = RolloutScorer(
+            self.policy.model,
+            batch,
+            rollout,
+            temperature=self.temperature,
+            max_rows=config.micro_batch_rollouts,
+            max_tokens=config.max_tokens_per_forward,
+            chunk_tokens=config.logits_chunk_tokens,
+            shared_prefix=config.shared_prefix,
+        )
+        self.last_scorer = scorer
+        # With one optimizer step per rollout, sampled by the network being trained, the policy that
+        # sampled is the one being updated: lp_old == lp.detach() and no old-policy pass is needed.
+        # Another sampler (vLLM) is not the trained network: lp_old then comes from the policy.
+        needs_old = optimizer_steps > 1 or not self.samples_from_policy
+        with torch.no_grad():
+            with self._phase("scoring"):
+                scorer.precompute(old=needs_old, reference=None, frozen_views=needs.frozen_views)
+            with self._phase("reference"):
+                if needs.reference:
+                    with self.policy.reference() as reference:
+                        scorer.precomputed.ref_logprobs = scorer.score_all(reference)
+                    self.reference_passes += 1
+        return scorer
+
+    # ---- one mini-batch -------------------------------------------------------------------
+
+    def plan(self, scorer: RolloutScorer, rows: list[int]) -> tuple[list[MicroBatch], BatchCounts, float]:
+        """Micro-batches of one mini-batch (the same number on every rank) and its counts."""
+        needs = self.requirements
+        stacked = scorer.stacked_rows(list(needs.views), needs.view_rows)
+        plans = scorer.plan(rows, stacked)
+        collective = self.collective
+        if collective.world_size > 1:
+            # Sharded strategies gather weights in every forward: each rank must run as many.
+            plans = split_to_count(plans, collective.most(len(plans)), scorer.plan_lengths(stacked))
+        has_view = {request.name: needs.view_rows.tolist() for request in needs.grad_views}
+        totals = mini_batch_counts(rows, scorer.completion_lengths, has_view, len(plans))
+        counts = BatchCounts(
+            collective.sum(totals), world_size=collective.world_size, micro_batches=len(plans)
+        )
+        padding = padding_fraction(plans, scorer.prompt_lengths, scorer.completion_lengths, stacked)
+        return plans, counts, padding
+
+    def select_in_advance(
+        self, scorer: RolloutScorer, plans: list[MicroBatch], counts: BatchCounts
+    ) -> tuple[list[dict[str, Tensor]], BatchCounts]:
+        """The objective's token masks for every micro-batch, from a no-grad pass, and their totals.
+
+        The CPL's masked mean runs over the perception tokens of the whole mini-batch, whose number
+        is known only once the entropies under ``I`` and ``I-`` are, and a micro-batch's backward
+        needs it. So when a mini-batch spans several micro-batches, a forward without gradient (and
+        without stored activations) over the rows that can hold perception tokens (``view_rows``:
+        ``A > 0`` under gating) and the views the selection reads finds the masks first. The other
+        exact methods cost more: a second backward of the CPL into a second gradient buffer, or
+        keeping every micro-batch's graph until the last forward.
+        """
+        needs = self.requirements
+        requests = list(needs.selection_views)
+        view_rows = needs.view_rows
+        found: list[tuple[list[int], MicroBatch, dict[str, Tensor]]] = []
+        with torch.no_grad():
+            for micro in plans:
+                local = [index for index, row in enumerate(micro.rows) if view_rows[row]]
+                if not local:
+                    found.append((local, micro, {}))
+                    continue
+                sub = scorer.micro_batch([micro.rows[index] for index in local])
+                if needs.entropy or requests:
+                    inputs = scorer.inputs(sub, requests, view_rows, entropy=needs.entropy)
+                else:
+                    inputs = scorer.bare_inputs(sub)
+                inputs.counts = counts
+                found.append((local, sub, self.objective.select_tokens(inputs).masks))
+        names = sorted({name for _, _, masks in found for name in masks})
+        selected = []
+        device = scorer.device
+        for (local, sub, masks), micro in zip(found, plans):
+            full = {}
+            for name in names:
+                mask = torch.zeros(len(micro.rows), micro.completion_length, dtype=torch.bool, device=device)
+                if name in masks:
+                    mask[torch.as_tensor(local, device=device), : sub.completion_length] = masks[name]
+                full[name] = mask
+            selected.append(full)
+        return selected, counts.with_totals(**self._selection_totals(selected))
+
+    def _selection_totals(self, selected: list[dict[str, Tensor]]) -> dict[str, float]:
+        """Selected tokens per name over the mini-batch and every rank (one collective)."""
+        names = sorted({name for masks in selected for name in masks})
+        if not names:
+            return {}
+        local = {name: float(sum(masks[name].sum() for masks in selected if name in masks)) for name in names}
+        return self.collective.sum(local)
+
+    def accumulate_gradients(
+        self, scorer: RolloutScorer, rows: list[int], record: bool = False
+    ) -> tuple[StepStatistics, list[Tensor]]:
+        """Backward of one mini-batch's loss, micro-batch by micro-batch, into ``.grad``.
+
+        The gradients equal those of the whole mini-batch in one forward, whatever the micro-batch
+        settings (see ``BatchCounts``); the parameters are not updated.
+
+        Args:
+            scorer: the rollout batch's scorer (:meth:`score`).
+            rows: the mini-batch's rollout rows.
+            record: store the objective's per-token diagnostics in the rollout (for callbacks).
+
+        Returns:
+            The mini-batch's metrics (not yet merged) and each micro-batch's loss.
+        """
+        objective, needs = self.objective, self.requirements
+        plans, counts, padding = self.plan(scorer, rows)
+        preselected = None
+        if needs.needs_advance_selection and len(plans) > 1:
+            preselected, counts = self.select_in_advance(scorer, plans, counts)
+        step = StepStatistics(padding=padding, micro_batches=len(plans))
+        losses = []
+        for index, micro in enumerate(plans):
+            inputs = scorer.inputs(micro, list(needs.views), needs.view_rows, entropy=needs.entropy)
+            inputs.counts = counts
+            if needs.selects_tokens:
+                if preselected is not None:
+                    inputs.selected = preselected[index]
+                elif needs.normalises_over_mini_batch:  # one micro-batch: its masks give the totals
+                    inputs.selected = objective.select_tokens(inputs).masks
+                    counts = counts.with_totals(**self._selection_totals([inputs.selected]))
+                    inputs.counts = counts
+            output = objective(inputs)
+            self._backward(output.loss, index == len(plans) - 1)
+            losses.append(output.loss.detach())
+            step.add(output.metrics)
+            if record:
+                scorer.rollout.record(output.diagnostics, torch.as_tensor(micro.rows, device=scorer.device))
+        return step, losses
+
+    def optimizer_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scorer: RolloutScorer,
+        rows: list[int],
+        statistics: StepStatistics,
+        record: bool = False,
+    ) -> bool:
+        """One optimizer step on one mini-batch; False when it was skipped (non-finite loss or norm)."""
+        optimizer.zero_grad(set_to_none=True)
+        step, losses = self.accumulate_gradients(scorer, rows, record)
+        gradients = [p.grad for p in self._parameters() if p.grad is not None]
+        device = scorer.device
+        norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=device)
+        # One sync per optimizer step: a non-finite loss or gradient norm skips the step on every rank.
+        loss_finite = bool(torch.isfinite(torch.stack(losses)).all())
+        finite = self.collective.every(loss_finite and bool(torch.isfinite(norm)))
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            statistics.skipped += 1
+            problem = "gradient norm" if loss_finite else "loss"
+            log.warning("step %d: skipping an optimizer step (non-finite %s)", self.global_step, problem)
+            return False
+        if self.config.gradient_clip_val is not None:
+            self._clip(optimizer, self.config.gradient_clip_val)
+        optimizer.step()
+        step.grad_norm = norm.detach()
+        statistics.merge(step)
+        self._on_step()
+        return True
+
+    # ---- one rollout batch ----------------------------------------------------------------
+
+    def run(
+        self, batch: PromptBatch, rollout: Rollout, optimizer: torch.optim.Optimizer, scheduler=None
+    ) -> StepStatistics:
+        """Optimizer steps on one rollout batch: mini-batches x micro-batches x PPO epochs.
+
+        The scheduler steps after every optimizer step that was taken, not after a skipped one (as in
+        the HF Trainer).
+        """
+        config, group = self.config, rollout.group_size
+        mini_rows = (config.mini_batch_prompts or len(batch)) * group
+        optimizer_steps = config.ppo_epochs * (len(rollout) // mini_rows)
+        scorer = self.score(batch, rollout, optimizer_steps)
+        statistics = StepStatistics()
+        with self._phase("gradient"):
+            for epoch in range(config.ppo_epochs):
+                order = torch.arange(len(rollout))
+                if config.shuffle:
+                    order = order[torch.randperm(len(rollout), device="cpu")]
+                for start in range(0, len(rollout), mini_rows):
+                    rows = order[start : start + mini_rows].tolist()
+                    stepped = self.optimizer_step(optimizer, scorer, rows, statistics, record=epoch == 0)
+                    if stepped and scheduler is not None:
+                        scheduler.step()
+        statistics.forwards = scorer.forwards
+        if scorer.prompt_tokens_per_row:
+            statistics.prompt_tokens_saved = (
+                1.0 - scorer.prompt_tokens_computed / scorer.prompt_tokens_per_row
+            )
+        return statistics
+
+
 __all__ = [
+    "Collective",
+    "PolicyUpdate",
+    "StepStatistics",
     "UpdateConfig",
     "MicroBatch",
     "Precomputed",

@@ -18,8 +18,10 @@ class HFEngine:
 
     The sampler is the trained network, so nothing needs syncing and ``lp_old == lp.detach()`` holds
     exactly with one optimizer step per rollout batch. Sampling draws from torch's global generator,
-    which the module seeds per step and rank; ``seed`` is therefore not used. The vision inputs are
-    repeated for every row (each prompt's image is encoded ``G`` times).
+    which the module seeds per step and rank; ``seed`` is therefore not used. A call whose rows are runs
+    of one prompt each (``G`` rollouts per prompt) passes each prompt once with
+    ``num_return_sequences``: ``generate`` encodes its image and prefills it once, then samples the
+    same completions as repeated rows would (tested).
 
     Args:
         synced_gpus: whether every rank must run the same number of decoding steps (sharded
@@ -49,8 +51,15 @@ class HFEngine:
             for call in range(calls):
                 start = call * step
                 rows = example_rows[start : start + step] if start < len(example_rows) else example_rows[-1:]
+                prompts, samples = prompt_runs(rows)
                 generated = generate(
-                    policy.model, batch.model_inputs(ORIGINAL, rows), config, eos, pad, synced_gpus=synced
+                    policy.model,
+                    batch.model_inputs(ORIGINAL, prompts),
+                    config,
+                    eos,
+                    pad,
+                    synced_gpus=synced,
+                    samples=samples,
                 )
                 if start < len(example_rows) or not parts:
                     parts.append(generated)
@@ -64,6 +73,17 @@ class HFEngine:
 
     def sync(self, policy: Policy) -> None:
         """Nothing to do: the sampler is the policy."""
+
+
+def prompt_runs(rows: Tensor) -> tuple[Tensor, int]:
+    """``(prompts, k)`` when ``rows`` is runs of ``k`` equal prompts each, else ``(rows, 1)``."""
+    values = rows.tolist()
+    changes = [i for i in range(1, len(values)) if values[i] != values[i - 1]]
+    starts = [0, *changes]
+    lengths = {end - begin for begin, end in zip(starts, [*changes, len(values)])}
+    if len(lengths) != 1 or len(set(values)) != len(starts):
+        return rows, 1
+    return rows[starts], lengths.pop()
 
 
 def pad_right(tensor: Tensor, width: int, value: int | bool) -> Tensor:

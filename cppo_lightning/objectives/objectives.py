@@ -53,6 +53,7 @@ __all__ = [
     "ObjectiveInputs",
     "ObjectiveOutput",
     "Objective",
+    "Requirements",
     "GRPO",
     "CPPO",
     "PAPO",
@@ -163,6 +164,47 @@ class ObjectiveOutput:
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Requirements:
+    """Everything the update must compute for an objective on one rollout batch, stated in one call.
+
+    Args:
+        reference: reference-policy log-probs (``beta > 0``).
+        entropy: the full-vocabulary entropy under ``I`` (for the token selection).
+        views: the perturbed views (:class:`ViewRequest`).
+        view_rows: [N] bool, the rollout rows that get the with-gradient views.
+        selects_tokens: ``select_tokens`` returns masks whose mini-batch totals normalise the loss.
+        normalises_over_mini_batch: False for the release's per-micro-batch aggregation.
+    """
+
+    reference: bool
+    entropy: bool
+    views: tuple[ViewRequest, ...]
+    view_rows: Tensor
+    selects_tokens: bool
+    normalises_over_mini_batch: bool
+
+    @property
+    def grad_views(self) -> tuple[ViewRequest, ...]:
+        """Views scored in the update's forwards, with gradient, for ``view_rows``."""
+        return tuple(view for view in self.views if view.with_grad)
+
+    @property
+    def frozen_views(self) -> tuple[str, ...]:
+        """Views scored once before the update, without gradient, for every row."""
+        return tuple(view.name for view in self.views if not view.with_grad)
+
+    @property
+    def selection_views(self) -> tuple[ViewRequest, ...]:
+        """With-gradient views whose entropy the token selection reads."""
+        return tuple(view for view in self.grad_views if view.entropy)
+
+    @property
+    def needs_advance_selection(self) -> bool:
+        """Token masks must be known for the whole mini-batch before any micro-batch's backward."""
+        return self.selects_tokens and self.normalises_over_mini_batch
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -253,6 +295,17 @@ class Objective(ABC):
     def view_requests(self) -> list[ViewRequest]:
         """The perturbed image views this objective needs (none for GRPO)."""
         return []
+
+    def requirements(self, advantages: Tensor) -> Requirements:
+        """What the update must compute for a rollout batch with these [N] advantages."""
+        return Requirements(
+            reference=self.needs_reference,
+            entropy=self.needs_entropy,
+            views=tuple(self.view_requests()),
+            view_rows=self.view_rows(advantages.detach().cpu()),
+            selects_tokens=self.selects_tokens,
+            normalises_over_mini_batch=self.normalises_over_mini_batch,
+        )
 
     def view_rows(self, advantages: Tensor) -> Tensor:
         """Rows for which the with-gradient views must be computed.

@@ -170,7 +170,7 @@ def test_one_cppo_step_at_the_3b_full_width(random_3b_one_layer):
     assert torch.isnan(removed[rollout.advantages <= 0]).all()
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and metrics["train/micro_batches"] == 1
-    assert set(module.phase_seconds) == {"rollout", "reference", "gradient"}
+    assert set(module.phase_seconds) == {"rollout", "scoring", "reference", "gradient"}
     assert float(metrics["time/reference_s"]) + float(metrics["time/gradient_s"]) <= float(
         metrics["time/update_s"]
     )

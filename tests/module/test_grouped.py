@@ -57,9 +57,10 @@ def _run(folder, objective, finetuning, update):
     module.policy.model.train()
     batch = _double(prompt_batch(folder, QUESTIONS))
     rollout = handmade_rollout(batch, 4, LENGTHS, advantages=ADVANTAGES)
-    scorer = module.scorer(batch, rollout)
+    updater = module.policy_update()
+    scorer = updater.score(batch, rollout)
     module.policy.model.zero_grad(set_to_none=True)
-    step, _ = module.accumulate_gradients(scorer, list(range(len(rollout))), record=True)
+    step, _ = updater.accumulate_gradients(scorer, list(range(len(rollout))), record=True)
     grads = torch.cat([p.grad.flatten() for p in module.policy.trainable_parameters() if p.grad is not None])
     return scorer, step, rollout, grads
 
@@ -182,3 +183,87 @@ def test_image_tokens_of_one_block_see_each_other_both_ways():
     assert prompt[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     prompt, _ = groups.masks(2)
     assert prompt[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+
+
+def _count_encoded_images(module, during_generation):
+    """Images the Qwen vision tower encodes (``grid_thw`` has one row per image), split into those of the
+    rollout engine's ``generate`` and the rest (the update)."""
+    from cppo_lightning.models.scoring import LanguageModelHead
+
+    counts = {"generation": 0, "update": 0}
+
+    def hook(_, args, kwargs, output):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        counts["generation" if during_generation else "update"] += len(grid)
+
+    LanguageModelHead.of(module.policy.model).backbone.visual.register_forward_hook(hook, with_kwargs=True)
+    return counts
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_one_cppo_step_under_lora_encodes_each_image_once_for_generation_and_once_for_the_update(
+    tiny_qwen, shared_prefix
+):
+    """2 prompts x G=4, CPPO with the KL term (a reference pass) and micro-batches of 3 rollouts (the
+    advance selection runs): generation encodes each prompt's image once, the update each distinct
+    (example, view) image once, whatever its passes (reference, selection, gradient)."""
+    from helpers import HandWrittenDataModule, quiet_trainer
+
+    module = small_module(
+        tiny_qwen,
+        objective=CPPO(beta=0.05),
+        update=UpdateConfig(micro_batch_rollouts=3, shared_prefix=shared_prefix),
+    )
+    module.configure_model()
+    generating = []
+    counts = _count_encoded_images(module, generating)
+    original_generate = module.engine.generate
+
+    def generate(*args, **kwargs):
+        generating.append(True)
+        try:
+            return original_generate(*args, **kwargs)
+        finally:
+            generating.clear()
+
+    module.engine.generate = generate
+    trainer = quiet_trainer(1, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=HandWrittenDataModule(tiny_qwen, count=2))
+    rollout = module.last_rollout
+    with_views = {int(e) for e, a in zip(rollout.example_rows, rollout.advantages) if a > 0}
+    assert with_views  # the varied reward gives some A > 0 rows
+    assert counts["generation"] == 2  # one image per prompt, not G = 4
+    if shared_prefix:
+        # I for both prompts; I+ and I- for the prompts with an A > 0 row.
+        assert counts["update"] == 2 + 2 * len(with_views)
+        # Micro-batches of 3 rows split each group of 4 (3 + 1): some prompts computed twice.
+        assert 0.0 < float(trainer.callback_metrics["train/prompt_tokens_saved"]) < 0.75
+    else:  # one row per rollout and view, in every pass: 8 for the reference pass alone
+        assert counts["update"] > 8 + 2 + 2 * len(with_views)
+        assert float(trainer.callback_metrics["train/prompt_tokens_saved"]) == 0.0
+
+
+def test_prompt_runs_find_the_group_size():
+    from cppo_lightning.engines.hf import prompt_runs
+
+    prompts, k = prompt_runs(torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert prompts.tolist() == [0, 1] and k == 3
+    # A call that cuts a group (generation_rollouts not a multiple of G): rows as they are.
+    prompts, k = prompt_runs(torch.tensor([0, 0, 0, 1, 1]))
+    assert prompts.tolist() == [0, 0, 0, 1, 1] and k == 1
+    prompts, k = prompt_runs(torch.tensor([0, 0, 1, 1, 0, 0]))  # a prompt twice: not runs
+    assert k == 1
+
+
+def test_prompt_tokens_saved_is_one_minus_prompts_over_rows(tiny_qwen):
+    """GRPO, 2 prompts x G=4 in one micro-batch: each pass computes the 2 prompts instead of 8 rows'
+    copies of them, so 1 - (P0 + P1) / (4 P0 + 4 P1) = 0.75 of the prompt tokens are saved."""
+    from helpers import HandWrittenDataModule, quiet_trainer
+
+    module = small_module(
+        tiny_qwen, objective=GRPO(beta=0.05), update=UpdateConfig(micro_batch_rollouts=None)
+    )
+    trainer = quiet_trainer(1, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=HandWrittenDataModule(tiny_qwen, count=2))
+    assert float(trainer.callback_metrics["train/prompt_tokens_saved"]) == pytest.approx(0.75)
+    assert float(trainer.callback_metrics["train/forwards"]) == 2  # the reference pass and the gradient pass

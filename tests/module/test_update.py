@@ -39,9 +39,10 @@ def _gradients(tiny_qwen, objective, plans):
     for name, update in plans.items():
         rollout = handmade_rollout(batch, 4, LENGTHS, advantages=ADVANTAGES)
         module.update_config = update
-        scorer = module.scorer(batch, rollout)
+        updater = module.policy_update()
+        scorer = updater.score(batch, rollout)
         module.policy.model.zero_grad(set_to_none=True)
-        step, _ = module.accumulate_gradients(scorer, list(range(len(rollout))), record=True)
+        step, _ = updater.accumulate_gradients(scorer, list(range(len(rollout))), record=True)
         grads = torch.cat([p.grad.flatten() for p in module.policy.trainable_parameters()])
         results[name] = (grads, step, rollout)
     return results
@@ -135,7 +136,9 @@ def test_a_row_over_the_budget_gets_a_forward_of_its_own_with_a_warning(tiny_qwe
     module.configure_model()
     batch = prompt_batch(tiny_qwen, QUESTIONS)
     with caplog.at_level(logging.WARNING, logger="cppo_lightning.update"):
-        scorer = module.scorer(batch, handmade_rollout(batch, 4, LENGTHS, advantages=ADVANTAGES))
+        scorer = module.policy_update().score(
+            batch, handmade_rollout(batch, 4, LENGTHS, advantages=ADVANTAGES)
+        )
     with caplog.at_level(logging.WARNING, logger="cppo_lightning.update"):
         plans = scorer.plan(range(12), [1] * 12)
         again = scorer.plan(range(12), [1] * 12)
