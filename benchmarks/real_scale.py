@@ -60,8 +60,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-PHASES = ("rollout", "reference", "gradient")
-PHASE_LABELS = {"rollout": "generation", "reference": "reference scoring", "gradient": "gradient pass"}
+PHASES = ("rollout", "scoring", "reference", "gradient")
+PHASE_LABELS = {
+    "rollout": "generation",
+    "scoring": "old-policy scoring",
+    "reference": "reference scoring",
+    "gradient": "gradient pass",
+}
+#: The phases the depth fit and the config estimate cover (old-policy scoring costs what reference scoring
+#: does, and runs only with several optimizer steps per rollout batch or a vLLM sampler).
+FIT_PHASES = ("rollout", "reference", "gradient")
+#: The update's phases (everything after generation and rewards).
+UPDATE_PHASES = ("scoring", "reference", "gradient")
 GB = 1e9
 DEFAULT_CONFIG = ROOT / "configs" / "qwen2_5_vl_3b" / "qlora_cppo.yaml"
 PIXELS_PER_VISUAL_TOKEN = 28 * 28  # Qwen2.5-VL: 14 px patches merged 2 x 2
@@ -169,6 +179,8 @@ def module_arguments(config: dict, model_folder: str, options) -> dict:
             _import(scheduler["class_path"]), **scheduler.get("init_args", {})
         )
     model["reward_functions"] = {"real_scale.alternating_reward": 1.0}
+    if options.shared_prefix in ("true", "false"):
+        model.setdefault("update", {})["shared_prefix"] = options.shared_prefix == "true"
     return model
 
 
@@ -276,7 +288,7 @@ def run_child(options) -> dict:
     import torch
 
     from cppo_lightning.batch import ORIGINAL
-    from cppo_lightning.update import plan_micro_batches
+    from cppo_lightning.update import GroupLengths, plan_grouped_micro_batches, plan_micro_batches
 
     torch.set_num_threads(os.cpu_count() or 1)
     config = load_config(options.child)
@@ -299,6 +311,14 @@ def run_child(options) -> dict:
             view_rows = lightning_module.objective.view_rows(rollout.advantages.cpu()).tolist()
             stacked = [1 + (views if has else 0) for has in view_rows]
             every = list(range(len(rollout)))
+            examples = rollout.example_rows.tolist()
+
+            def grouped(stacked_rows):
+                lengths = GroupLengths(examples, prompt_lengths, completions, stacked_rows)
+                return plan_grouped_micro_batches(
+                    every, lengths, update.micro_batch_rollouts, update.max_tokens_per_forward
+                )
+
             plans = {
                 "reference": plan_micro_batches(
                     every,
@@ -317,6 +337,8 @@ def run_child(options) -> dict:
                     update.max_tokens_per_forward,
                 ),
             }
+            if update.shared_prefix:
+                plans = {"reference": grouped([1] * len(every)), "gradient": grouped(stacked)}
             metrics = trainer.callback_metrics
             grid = batch.model_inputs(ORIGINAL, list(range(len(batch)))).get("image_grid_thw")
             # The batch's tensors (pixel values of every view) live through the whole step.
@@ -342,6 +364,7 @@ def run_child(options) -> dict:
                     "batch_bytes": batch_bytes,
                     "positive_advantages": sum(positive),
                     "forwards": float(metrics.get("train/forwards", float("nan"))),
+                    "prompt_tokens_saved": float(metrics.get("train/prompt_tokens_saved", float("nan"))),
                     "largest_forward_tokens": {k: max(p.tokens for p in v) for k, v in plans.items()},
                     "micro_batches": {k: len(v) for k, v in plans.items()},
                 }
@@ -386,6 +409,7 @@ def run_child(options) -> dict:
         "new_tokens": module.rollout_config.max_new_tokens,
         "visual_tokens": max(max(row["visual_tokens"], default=0) for row in rows),
         "max_tokens_per_forward": module.update_config.max_tokens_per_forward,
+        "shared_prefix": module.update_config.shared_prefix,
         "text_layer_resident": text_layer,
         "vision_layer_resident": vision_layer,
         "steps": rows,
@@ -421,13 +445,21 @@ def summarize(result: dict) -> dict:
         }
     summary["step"] = {
         "seconds": sum(summary[p]["seconds"] for p in PHASES),
-        "peak": max(summary[p]["peak"] for p in PHASES),
+        "peak": max(_finite(summary[p]["peak"]) for p in PHASES),
         "reserved": max(summary[p]["reserved"] for p in PHASES),
+    }
+    summary["update"] = {
+        "seconds": sum(summary[p]["seconds"] for p in UPDATE_PHASES),
+        "peak": max(_finite(summary[p]["peak"]) for p in UPDATE_PHASES),
     }
     return summary
 
 
-def print_table(results: dict[str, dict]) -> None:
+def _finite(value: float) -> float:
+    return value if value == value else 0.0  # a phase that did not run has no memory figure
+
+
+def print_table(results: dict[str, dict], note: str | None = None) -> None:
     names = list(results)
     first = results[names[0]]
     print(
@@ -444,6 +476,8 @@ def print_table(results: dict[str, dict]) -> None:
     summaries = {name: summarize(result) for name, result in results.items()}
     header = "".join(f"{name:>12s}" for name in names)
     ratio = len(names) == 2
+    if note:
+        print(note)
     print(f"{'':34s}{header}{'ratio' if ratio else '':>8s}")
 
     def line(label, values, fmt):
@@ -452,18 +486,31 @@ def print_table(results: dict[str, dict]) -> None:
         print(f"{label:34s}{cells}{extra}")
 
     for phase in PHASES:
+        if not any(summaries[n][phase]["seconds"] for n in names):
+            continue  # e.g. no old-policy scoring with one optimizer step per rollout batch
         label = PHASE_LABELS[phase]
         line(f"{label} time (s)", [summaries[n][phase]["seconds"] for n in names], ".2f")
         unit = "generated tokens/s" if phase == "rollout" else "rollout tokens/s"
         line(f"  {unit}", [summaries[n][phase]["tokens_per_s"] for n in names], ".1f")
         line("  peak memory (GB)", [summaries[n][phase]["peak"] / GB for n in names], ".2f")
         line("    of it resident at its start", [summaries[n][phase]["resident"] / GB for n in names], ".2f")
+    line("update time (s)", [summaries[n]["update"]["seconds"] for n in names], ".2f")
+    line("update peak memory (GB)", [summaries[n]["update"]["peak"] / GB for n in names], ".2f")
+    saved = [statistics_median(r, "prompt_tokens_saved") for r in results.values()]
+    print(f"{'prompt tokens saved':34s}" + "".join(f"{value:12.2f}" for value in saved))
     line("step time (s)", [summaries[n]["step"]["seconds"] for n in names], ".2f")
     line("step peak memory (GB)", [summaries[n]["step"]["peak"] / GB for n in names], ".2f")
     if first["device"].startswith("cuda"):
         line("  allocator reserved, peak (GB)", [summaries[n]["step"]["reserved"] / GB for n in names], ".2f")
     if not first["device"].startswith("cuda"):
         print("(CPU: times include the memory profiler's overhead; memory is tracked tensor memory, not RSS)")
+
+
+def statistics_median(result: dict, key: str) -> float:
+    import statistics
+
+    values = [row.get(key, float("nan")) for row in measured(result)]
+    return statistics.median(values) if values else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------- the fit
@@ -518,7 +565,7 @@ def extrapolate(results: list[dict], text_layers: int, vision_layers: int) -> di
         vision_layers - base["vision_layers"]
     ) * base["vision_layer_resident"]
     out = {}
-    for phase in PHASES:
+    for phase in FIT_PHASES:
         points = [(r["text_layers"], summarize(r)[phase]["transient"]) for r in results]
         a, b = fit_line(points)
         resident = summarize(base)[phase]["resident"] + resident_extra
@@ -590,7 +637,7 @@ def estimate_at_sizes(depth: dict, size_runs: list[dict], target: dict, text_lay
         phase -> {"alpha", "beta", "gamma", "transient"} (bytes).
     """
     out = {}
-    for phase in PHASES:
+    for phase in FIT_PHASES:
         fit = depth[phase]
         n1, gamma = fit["tokens"], fit["b"] / fit["tokens"]
         alpha, beta = 0.0, fit["a"] / n1
@@ -644,7 +691,7 @@ def print_fit(
         )
         depth = extrapolate(runs, text_layers, vision_layers)
         fitted[name] = {"depth": depth}
-        for phase in PHASES:
+        for phase in FIT_PHASES:
             values = depth[phase]
             print(
                 f"  {PHASE_LABELS[phase]:18s} peak {values['peak'] / GB:7.2f} GB = resident {values['resident'] / GB:6.2f}"
@@ -674,7 +721,7 @@ def print_fit(
             f"{target['prompt_tokens']} tokens; {basis}); batch tensors {batch / GB:.2f} GB"
         )
         fitted[name]["estimate"] = {}
-        for phase in PHASES:
+        for phase in FIT_PHASES:
             values = scaled[phase]
             peak = depth[phase]["resident"] + batch + values["transient"]
             fitted[name]["estimate"][phase] = peak
@@ -715,6 +762,13 @@ def parse_args(argv=None):
         "--visual-tokens", type=int, help="visual tokens per image (default: the config's cap)"
     )
     parser.add_argument("--num-workers", type=int, help="data workers (default: the config's)")
+    parser.add_argument(
+        "--shared-prefix",
+        choices=["config", "true", "false", "both"],
+        default="config",
+        help="update.shared_prefix: the configs' (default), forced on or off, or both: each objective "
+        "grouped and per row in one run, with the per-row/grouped ratios",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--steps", type=int, default=1, help="measured steps")
     parser.add_argument("--json", help="write the results here (input of --fit)")
@@ -744,6 +798,7 @@ def child_arguments(options, config: str, folder: str) -> list[str]:
         "new_tokens",
         "visual_tokens",
         "num_workers",
+        "shared_prefix",
     ):
         value = getattr(options, flag)
         if value is not None:
@@ -793,16 +848,30 @@ def main(argv=None) -> None:
     for path in (baseline, options.config):
         objective = load_config(path)["model"]["objective"]["class_path"].rpartition(".")[2]
         configs[objective] = path
+    modes = {"both": ("true", "false")}.get(options.shared_prefix, (options.shared_prefix,))
     results = {}
     with model_folder(options) as folder:
         for name, path in configs.items():
-            child = subprocess.run(
-                child_arguments(options, path, folder), stdout=subprocess.PIPE, text=True, check=False
+            for mode in modes:
+                label = name if len(modes) == 1 else f"{name} {'grouped' if mode == 'true' else 'per-row'}"
+                arguments = child_arguments(
+                    argparse.Namespace(**{**vars(options), "shared_prefix": mode}), path, folder
+                )
+                child = subprocess.run(arguments, stdout=subprocess.PIPE, text=True, check=False)
+                if child.returncode:
+                    raise SystemExit(f"{label} run ({path}) failed with exit code {child.returncode}")
+                results[label] = json.loads(child.stdout.strip().splitlines()[-1])
+    if len(modes) == 1:
+        print_table(results)
+    else:
+        for name in configs:
+            pair = {label.split()[1]: results[label] for label in results if label.split()[0] == name}
+            print_table(
+                {"grouped": pair["grouped"], "per-row": pair["per-row"]},
+                note=f"{name}: update.shared_prefix true (grouped) and false (per-row); ratio = per-row / "
+                "grouped (> 1: the grouped update is faster or smaller)",
             )
-            if child.returncode:
-                raise SystemExit(f"{name} run ({path}) failed with exit code {child.returncode}")
-            results[name] = json.loads(child.stdout.strip().splitlines()[-1])
-    print_table(results)
+            print()
     if options.json:
         Path(options.json).parent.mkdir(parents=True, exist_ok=True)
         Path(options.json).write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=1))

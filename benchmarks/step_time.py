@@ -63,7 +63,9 @@ class Timings:
         self.callback = Callback()
 
 
-def run_objective(name: str, model: str, steps: int, batch_size: int, max_new_tokens: int) -> dict:
+def run_objective(
+    name: str, model: str, steps: int, batch_size: int, max_new_tokens: int, shared_prefix: bool = True
+) -> dict:
     """Train ``steps`` steps with one objective; return timings and peak memory (runs in a child)."""
     import lightning.pytorch as pl
     import torch
@@ -78,7 +80,7 @@ def run_objective(name: str, model: str, steps: int, batch_size: int, max_new_to
         policy=PolicyConfig(model),
         objective=objective,
         rollout=RolloutConfig(samples_per_prompt=5, max_new_tokens=max_new_tokens),
-        update=UpdateConfig(micro_batch_rollouts=batch_size * 5),
+        update=UpdateConfig(micro_batch_rollouts=batch_size * 5, shared_prefix=shared_prefix),
         reward_functions={"step_time.varied_reward": 1.0},
     )
     data = SyntheticVQADataModule(
@@ -209,28 +211,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per step (x G=5 rollouts)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--shared-prefix",
+        choices=["true", "false", "both"],
+        default="true",
+        help="update.shared_prefix; both: each objective grouped and per row, in one run",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     options = parser.parse_args()
 
     from cppo_lightning.models import build_tiny_vlm
 
     if options.child:
-        name, model = options.child.split(":", 1)
-        print(
-            json.dumps(run_objective(name, model, options.steps, options.batch_size, options.max_new_tokens))
+        name, mode, model = options.child.split(":", 2)
+        result = run_objective(
+            name, model, options.steps, options.batch_size, options.max_new_tokens, mode == "true"
         )
+        print(json.dumps(result))
         return
+    modes = ("true", "false") if options.shared_prefix == "both" else (options.shared_prefix,)
 
     with tempfile.TemporaryDirectory() as folder:
         model = str(build_tiny_vlm(Path(folder) / "model", "qwen2_5_vl", options.size))
         results = {}
-        for name in ("grpo", "cppo"):
+        for name, mode in [(name, mode) for mode in modes for name in ("grpo", "cppo")]:
             child = subprocess.run(
                 [
                     sys.executable,
                     __file__,
                     "--child",
-                    f"{name}:{model}",
+                    f"{name}:{mode}:{model}",
                     "--steps",
                     str(options.steps),
                     "--batch-size",
@@ -242,23 +252,32 @@ def main() -> None:
                 text=True,
                 check=True,
             )
-            results[name] = json.loads(child.stdout.strip().splitlines()[-1])
+            results[(name, mode)] = json.loads(child.stdout.strip().splitlines()[-1])
         views = stacked_vs_separate(
             model, rows=options.batch_size * 5 // 2, length=options.max_new_tokens, repeats=5
         )
 
-    grpo, cppo = results["grpo"], results["cppo"]
+    grpo, cppo = results[("grpo", modes[0])], results[("cppo", modes[0])]
     print(
         f"machine: {os.cpu_count()} CPU cores, device {grpo['device']}; tiny Qwen2.5-VL '{options.size}'; "
         f"{options.steps} steps of {options.batch_size} prompts x G=5, {options.max_new_tokens} new tokens"
     )
-    print(f"{'':28s}{'GRPO':>10s}{'CPPO':>10s}{'CPPO/GRPO':>11s}")
-    for key, label in (
-        ("step_s", "step time (s, median)"),
-        ("rollout_s", "  rollout (s)"),
-        ("update_s", "  update (s)"),
-    ):
-        print(f"{label:28s}{grpo[key]:10.3f}{cppo[key]:10.3f}{cppo[key] / grpo[key]:11.2f}")
+    for mode in modes:
+        grpo, cppo = results[("grpo", mode)], results[("cppo", mode)]
+        print(f"update.shared_prefix: {mode}")
+        print(f"{'':28s}{'GRPO':>10s}{'CPPO':>10s}{'CPPO/GRPO':>11s}")
+        for key, label in (
+            ("step_s", "step time (s, median)"),
+            ("rollout_s", "  rollout (s)"),
+            ("update_s", "  update (s)"),
+        ):
+            print(f"{label:28s}{grpo[key]:10.3f}{cppo[key]:10.3f}{cppo[key] / grpo[key]:11.2f}")
+    if len(modes) == 2:
+        print(f"{'per-row / grouped':28s}{'GRPO':>10s}{'CPPO':>10s}")
+        for key, label in (("step_s", "step time"), ("update_s", "  update")):
+            values = [results[(n, "false")][key] / results[(n, "true")][key] for n in ("grpo", "cppo")]
+            print(f"{label:28s}{values[0]:10.2f}{values[1]:10.2f}")
+    grpo, cppo = results[("grpo", modes[0])], results[("cppo", modes[0])]
     grpo_extra, cppo_extra = grpo["peak_gb"] - grpo["baseline_gb"], cppo["peak_gb"] - cppo["baseline_gb"]
     print(
         f"{'peak memory (GB)':28s}{grpo['peak_gb']:10.3f}{cppo['peak_gb']:10.3f}{cppo['peak_gb'] / grpo['peak_gb']:11.2f}"

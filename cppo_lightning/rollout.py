@@ -246,11 +246,13 @@ def generate(
         kwargs["min_new_tokens"] = config.min_new_tokens
     if sampling:
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
-    if samples > 1:
+    if samples > 1 and sampling:
         kwargs["num_return_sequences"] = samples
     sequences = model.generate(
         **inputs, eos_token_id=eos_token_ids, pad_token_id=pad_token_id, synced_gpus=synced_gpus, **kwargs
     )
+    if samples > 1 and not sampling:  # greedy: the samples of a prompt are one completion, decoded once
+        sequences = sequences.repeat_interleave(samples, dim=0)
     completion = sequences[:, inputs["input_ids"].shape[1] :]
     return completion, completion_mask(completion, eos_token_ids)
 

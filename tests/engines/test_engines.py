@@ -195,7 +195,8 @@ def test_generation_in_calls_of_at_most_generation_rollouts_rows_gives_the_same_
     split = HFEngine().generate(
         policy, prompts, rows, EvaluationSampling(**settings, generation_rollouts=3), seed=0
     )
-    assert calls == [3, 3, 2]
+    # Rows [0, 0, 1], [1, 2, 2], [3, 3]: the last call holds one prompt's two samples, passed once.
+    assert calls == [3, 3, 1]
     assert torch.equal(split.completion_mask, whole.completion_mask)
     # Padding included: generate fills finished rows with the pad id, and so does the narrower call's padding.
     assert torch.equal(split.completion_ids, whole.completion_ids)
@@ -257,9 +258,10 @@ def test_synced_generation_makes_as_many_calls_on_every_rank(vllm_model, tmp_pat
             process.kill()
     assert [process.returncode for process in ranks] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert results[0] == {"calls": [2, 2], "rows": 4}
+    # Every call holds one prompt's two greedy samples, decoded once (one input row per call).
+    assert results[0] == {"calls": [1, 1], "rows": 4}
     # Rank 1's second call decodes its last row again, and its completions are only its own 2 rows.
-    assert results[1] == {"calls": [2, 1], "rows": 2}
+    assert results[1] == {"calls": [1, 1], "rows": 2}
 
 
 def test_validation_generates_within_the_rollouts_generation_bound(tiny_qwen):
