@@ -56,15 +56,80 @@ class CPPOLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.policy.model_name_or_path", "data.init_args.processor_name_or_path")
 
+    #: ``(key, checkpoint value, value used)`` of every model hyperparameter in which the checkpoint
+    #: differs from what the run uses (filled when a checkpoint is given).
+    hyperparameter_differences: list[tuple[str, object, object]] = []
+
     def parse_arguments(self, parser, args) -> None:
         resume = None
+        self._arguments = None
         if not isinstance(args, dict) and not hasattr(args, "as_dict"):
             args, resume = resume_arguments(list(sys.argv[1:] if args is None else args))
+            self._arguments = args
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand is not None:
             # Before LightningCLI reads the checkpoint's hyperparameters: it must read the resolved file.
             self.resumption = resolve_checkpoint(self.config[subcommand], subcommand, resume)
+
+    def _parse_ckpt_path(self) -> None:
+        """Reconcile the checkpoint's hyperparameters with what the user wrote; list every difference.
+
+        Lightning's own rule (the checkpoint's ``hyper_parameters`` replace the model config) would make
+        ``fit --config cppo.yaml --ckpt_path grpo.ckpt`` train GRPO and hide a different base model from the
+        base check. Here ``fit`` uses the config and command line as written (the checkpoint contributes
+        weights and training state only); ``validate``/``test``/``predict`` take the checkpoint's values
+        where the config and command line are silent (they are the defaults the arguments are parsed over).
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        import torch
+
+        state = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        hparams = dict(state.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        written = self.config
+        try:
+            from_checkpoint = self.parser.parse_object({subcommand: {"model": hparams}}, written.clone())
+        except SystemExit:
+            sys.stderr.write(f"cppo: the hyperparameters of {ckpt_path} do not parse\n")
+            raise
+        if subcommand != "fit" and self._arguments is not None:
+            # The checkpoint's values become the defaults; the config files and options parse over them.
+            subparser = self.parser._subcommands_action._name_parser_map[subcommand]
+            model = from_checkpoint[subcommand].model
+            for key, value in _leaves(model):
+                try:
+                    subparser.set_defaults({f"model.{key}": value})
+                except KeyError:  # inside a class_path/init_args value: the whole value is one default
+                    group = key.split(".")[0]
+                    value = model[group]
+                    subparser.set_defaults({f"model.{group}": getattr(value, "as_dict", lambda: value)()})
+            self.config = self.parser.parse_args(self._arguments)
+        used = self.config[subcommand].model
+        stored = dict(_leaves(from_checkpoint[subcommand].model))
+        self.hyperparameter_differences = [
+            (f"model.{key}", stored[key], value)
+            for key, value in _leaves(used)
+            if key in stored and not _same_setting(key, stored[key], value)
+        ]
+        if self.hyperparameter_differences:
+            lines = [
+                f"  {key}: {_show(before)} in the checkpoint -> {_show(after)}"
+                for key, before, after in self.hyperparameter_differences
+            ]
+            _say(
+                f"{subcommand} uses the config and command line where they differ from the hyperparameters "
+                f"saved in {ckpt_path}:\n" + "\n".join(lines)
+            )
 
     def before_fit(self) -> None:
         """Keep the resumed run's metrics file (Lightning's CSV writer deletes it in an existing folder)."""
@@ -73,6 +138,34 @@ class CPPOLightningCLI(LightningCLI):
 
 
 # ---------------------------------------------------------------------------------------------- resuming
+def _leaves(namespace) -> list[tuple[str, object]]:
+    """``(dotted key, value)`` of every leaf of a jsonargparse namespace (a ``class_path`` is a leaf)."""
+    return list(namespace.items())
+
+
+def _same_setting(key: str, stored, used) -> bool:
+    """Whether a checkpoint's hyperparameter and the value used mean the same (import paths resolved)."""
+    if key == "reward_functions":
+        from cppo_lightning.rewards import DEFAULT_REWARDS
+
+        stored, used = stored or DEFAULT_REWARDS, used or DEFAULT_REWARDS
+    if key.endswith("class_path") and isinstance(stored, str) and isinstance(used, str):
+        import importlib
+
+        def resolve(path: str):
+            module, _, name = path.rpartition(".")
+            return getattr(importlib.import_module(module), name)
+
+        try:
+            return resolve(stored) is resolve(used)
+        except (ImportError, AttributeError, ValueError):
+            return stored == used
+    return stored == used
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass

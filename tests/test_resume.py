@@ -3,6 +3,7 @@ metrics file from the newest complete checkpoint, and end where an uninterrupted
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -126,3 +127,61 @@ def test_the_readme_validate_command_uses_what_the_run_trained_on(tiny_qwen, str
     )
     assert cli.model.policy_config.model_name_or_path == str(tiny_qwen)
     assert "val/avg@2" in cli.trainer.callback_metrics
+
+
+# ------------------------------------------------------------------ what wins on resume (issue 22, item 1)
+
+
+def test_a_checkpoint_of_another_objective_trains_what_the_config_says(tiny_qwen, straight, tmp_path, capsys):
+    # `cppo fit --config cppo.yaml --ckpt_path <a GRPO run's last.ckpt>` with G changed on the command line.
+    checkpoint = straight / "checkpoints" / "last.ckpt"
+    args = demo_args("cppo", tiny_qwen, tmp_path, 5, "--model.rollout.samples_per_prompt", "3")
+    cli = lightning_cli([*args, "--ckpt_path", str(checkpoint)])
+    assert type(cli.model.objective).__name__ == "CPPO" and cli.model.rollout_config.samples_per_prompt == 3
+    assert cli.trainer.global_step == 5  # it resumed at step 4 and trained one CPPO step
+    saved = (tmp_path / "cppo" / "version_0" / "config.yaml").read_text()
+    assert "class_path: cppo_lightning.objectives.CPPO" in saved and "samples_per_prompt: 3" in saved
+    # Every difference is listed at start-up, with both values.
+    assert ("model.rollout.samples_per_prompt", 4, 3) in cli.hyperparameter_differences
+    out = capsys.readouterr().out
+    assert (
+        f"fit uses the config and command line where they differ from the hyperparameters saved in {checkpoint}"
+        in out
+    )
+    assert "  model.rollout.samples_per_prompt: 4 in the checkpoint -> 3" in out
+    assert (
+        "  model.objective.class_path: 'cppo_lightning.objectives.objectives.GRPO' in the checkpoint -> "
+        "'cppo_lightning.objectives.CPPO'" in out
+    )
+
+
+def test_resume_with_an_override_uses_the_override(tiny_qwen, straight, tmp_path, capsys):
+    # `cppo fit --resume RUN --model.rollout.samples_per_prompt 3` (the run trained with G = 4).
+    run = shutil.copytree(straight, tmp_path / "grpo" / "version_0")
+    cli = lightning_cli(
+        ["fit", "--resume", str(run), "--model.rollout.samples_per_prompt", "3", "--trainer.max_steps", "5"]
+    )
+    assert cli.model.rollout_config.samples_per_prompt == 3 and cli.trainer.global_step == 5
+    assert "samples_per_prompt: 3" in (run / "config.yaml").read_text()
+    assert cli.hyperparameter_differences == [("model.rollout.samples_per_prompt", 4, 3)]
+    assert "  model.rollout.samples_per_prompt: 4 in the checkpoint -> 3" in capsys.readouterr().out
+
+
+def test_validate_reads_the_checkpoint_where_the_config_is_silent(tiny_qwen, straight, tmp_path):
+    # A config that names only data and trainer: the model settings are the checkpoint's; the command
+    # line still wins where it speaks.
+    config = tmp_path / "data-only.yaml"
+    config.write_text(
+        "trainer:\n  logger: false\n  enable_progress_bar: false\n  limit_val_batches: 1\n"
+        "data:\n  class_path: datamodules.SyntheticVQADataModule\n"
+        "  init_args:\n    task:\n      image_size: 112\n    train_size: 4\n    val_size: 2\n    test_size: 2\n"
+        "    eval_batch_size: 2\n"
+    )
+    checkpoint = straight / "checkpoints" / "last.ckpt"
+    args = ["validate", "--config", str(config), "--ckpt_path", str(checkpoint)]
+    cli = lightning_cli([*args, "--model.evaluation.samples_per_question", "3"])
+    assert cli.model.policy_config.model_name_or_path == str(tiny_qwen)  # from the checkpoint
+    assert type(cli.model.objective).__name__ == "GRPO" and cli.model.rollout_config.samples_per_prompt == 4
+    assert cli.model.evaluation.samples_per_question == 3  # from the command line
+    assert cli.hyperparameter_differences == [("model.evaluation.samples_per_question", 2, 3)]
+    assert "val/avg@3" in cli.trainer.callback_metrics
