@@ -8,7 +8,7 @@
     cppo study                                  # GRPO vs CPPO vs PAPO, several seeds, one table
     cppo warmstart --config configs/demo/warmstart.yaml --output runs/demo/warmstart
     cppo plot runs/grpo runs/cppo --output compare.png
-    cppo export runs/demo/.../checkpoints/adapter merged-model/
+    cppo export runs/demo/.../checkpoints/adapter merged-model/   # or .../checkpoints/last.ckpt (any mode)
     cppo tiny qwen2_5_vl demo models/tiny-demo
     cppo audit --config configs/demo/cppo.yaml    # do I+ preserve and I- remove what the task needs?
 
@@ -632,17 +632,29 @@ def _study(argv: list[str]) -> int:
 
 def _export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="cppo export", description="Merge a LoRA adapter folder into its base model."
+        prog="cppo export",
+        description="Write a trained policy as a plain transformers folder (AutoModelForImageTextToText and "
+        "AutoProcessor load it): a LoRA/QLoRA adapter merged into its base, or a full fine-tune as it is.",
     )
-    parser.add_argument("adapter", help="adapter folder (written beside the checkpoints as 'adapter')")
-    parser.add_argument("output", help="folder for the merged model")
     parser.add_argument(
-        "--dtype", default="float32", help="dtype of the merged weights (float32, bfloat16, float16)"
+        "source",
+        help="an adapter folder (checkpoints/adapter), a checkpoint file (checkpoints/last.ckpt, any "
+        "fine-tuning mode) or a run folder (its checkpoints/last.ckpt)",
+    )
+    parser.add_argument("output", help="folder for the exported model (new or empty)")
+    parser.add_argument(
+        "--dtype", default="float32", help="dtype of the written weights (float32, bfloat16, float16)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a folder that already holds files"
     )
     options = parser.parse_args(argv)
-    from cppo_lightning.export import merge_adapter_folder
+    from cppo_lightning.export import ExportError, export
 
-    print(merge_adapter_folder(options.adapter, options.output, dtype=options.dtype))
+    try:
+        print(export(options.source, options.output, dtype=options.dtype, overwrite=options.overwrite))
+    except (ExportError, FileNotFoundError) as error:
+        parser.error(str(error))
     return 0
 
 

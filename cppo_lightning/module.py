@@ -773,9 +773,11 @@ class CPPOModule(pl.LightningModule):
         """
         if not self.policy.uses_adapters:
             raise ValueError("full fine-tuning has no adapter; use save_pretrained()")
+        from cppo_lightning.export import save_processor
+
         folder = Path(folder)
         self.policy.model.save_pretrained(folder)
-        self.policy.processor.save_pretrained(folder)
+        save_processor(self.policy.processor, folder, self.policy_config.model_name_or_path)
         return folder
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -783,13 +785,13 @@ class CPPOModule(pl.LightningModule):
 
         Under QLoRA the base is reloaded unquantized so that the merged weights are exact.
         """
-        from cppo_lightning.export import merge_adapter
+        from cppo_lightning.export import merge_adapter, save_processor
 
         folder = Path(folder)
         if self.policy.uses_adapters:
             return merge_adapter(self.policy, folder)
         self.policy.model.save_pretrained(folder)
-        self.policy.processor.save_pretrained(folder)
+        save_processor(self.policy.processor, folder, self.policy_config.model_name_or_path)
         return folder
 
 
