@@ -279,7 +279,7 @@ def resolve_checkpoint(config, subcommand: str, resume: Path | None) -> Resumpti
         ckpt_path = "last"  # a requeued SLURM job continues where it was preempted
     if resume is None and ckpt_path != "last":
         if ckpt_path not in (None, "best", "hpc") and Path(ckpt_path).is_file():
-            problem = checkpoint_problem(ckpt_path)
+            problem = checkpoint_problem(ckpt_path, verify_data=True)
             if problem is not None:
                 newest = latest_checkpoint(Path(ckpt_path).parent).checkpoint
                 hint = f"; the newest complete one there is {newest.path}" if newest else ""

@@ -4,6 +4,8 @@ metrics file from the newest complete checkpoint, and end where an uninterrupted
 import csv
 import json
 import shutil
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -185,3 +187,40 @@ def test_validate_reads_the_checkpoint_where_the_config_is_silent(tiny_qwen, str
     assert cli.model.evaluation.samples_per_question == 3  # from the command line
     assert cli.hyperparameter_differences == [("model.evaluation.samples_per_question", 2, 3)]
     assert "val/avg@3" in cli.trainer.callback_metrics
+
+
+def flip_tensor_bytes(checkpoint):
+    """Flip 16 bytes inside the largest tensor's data, leaving the zip directory intact: what a bad disk
+    or a faulty copy does, and what ``torch.load`` accepts without a word."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        member = max(
+            (info for info in archive.infolist() if "/data/" in info.filename),
+            key=lambda info: info.file_size,
+        )
+    data = bytearray(checkpoint.read_bytes())
+    name_length, extra_length = struct.unpack(
+        "<HH", data[member.header_offset + 26 : member.header_offset + 30]
+    )
+    start = member.header_offset + 30 + name_length + extra_length + member.file_size // 2
+    data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
+    checkpoint.write_bytes(data)
+    return member.filename
+
+
+def test_a_checkpoint_with_flipped_tensor_bytes_is_passed_over(tiny_qwen, straight, tmp_path, capsys):
+    run = shutil.copytree(straight, tmp_path / "grpo" / "version_0")
+    last = run / "checkpoints" / "last.ckpt"
+    member = flip_tensor_bytes(last)
+    torch.load(last, weights_only=True)  # it loads: only the checksums tell
+    # An explicit path to it is refused, naming the damaged member and the intact checkpoint beside it.
+    with pytest.raises(
+        SystemExit, match=rf"last.ckpt is incomplete: corrupt: the data of '{member}' does not match"
+    ):
+        lightning_cli(fit_args(tiny_qwen, tmp_path, 5, "--ckpt_path", str(last)))
+    # `--resume` passes over it and continues from the intact step-4 checkpoint of the same state.
+    cli = lightning_cli(["fit", "--resume", str(run), "--trainer.max_steps", "5"])
+    assert cli.resumption.passed_over == [
+        (last, f"corrupt: the data of '{member}' does not match its recorded checksum (CRC-32)")
+    ]
+    assert cli.resumption.checkpoint.name == "epoch=0-step=4.ckpt" and cli.trainer.global_step == 5
+    assert f"checkpoint {last} is incomplete (corrupt: the data of" in capsys.readouterr().out
