@@ -131,10 +131,25 @@ class CPPOLightningCLI(LightningCLI):
                 f"saved in {ckpt_path}:\n" + "\n".join(lines)
             )
 
+    run_lock = None
+
     def before_fit(self) -> None:
-        """Keep the resumed run's metrics file (Lightning's CSV writer deletes it in an existing folder)."""
+        """Lock the run folder (one writer), then keep a resumed run's metrics file (Lightning's CSV writer
+        deletes it in an existing folder)."""
+        from callbacks.run_lock import RunLock
+
+        if self.trainer.loggers and self.trainer.is_global_zero and self.trainer.log_dir:
+            self.run_lock = RunLock(self.trainer.log_dir).acquire()
         if self.resumption is not None and self.resumption.checkpoint is not None:
             continue_metrics(self.trainer, self.resumption.batches)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # also when the run fails or is preempted: a process that goes on may start another run
+            if self.run_lock is not None:
+                self.run_lock.release()
+                self.run_lock = None
 
 
 # ---------------------------------------------------------------------------------------------- resuming

@@ -5,6 +5,8 @@ import csv
 import json
 import shutil
 import struct
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -224,3 +226,43 @@ def test_a_checkpoint_with_flipped_tensor_bytes_is_passed_over(tiny_qwen, straig
     ]
     assert cli.resumption.checkpoint.name == "epoch=0-step=4.ckpt" and cli.trainer.global_step == 5
     assert f"checkpoint {last} is incomplete (corrupt: the data of" in capsys.readouterr().out
+
+
+# A second process holding a run folder's lock, as a `cppo fit` that is still running holds it.
+HOLDER = """
+import fcntl, os, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+handle.truncate(0)
+handle.write(f"pid {os.getpid()} on this host since now\\n")
+handle.flush()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(tiny_qwen, straight, tmp_path):
+    run = shutil.copytree(straight, tmp_path / "grpo" / "version_0")
+    metrics, checkpoints = (run / "metrics.csv").read_text(), sorted((run / "checkpoints").iterdir())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run / ".cppo.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        # `cppo fit --ckpt_path last` while the first run still trains in that folder.
+        with pytest.raises(SystemExit) as refused:
+            lightning_cli(fit_args(tiny_qwen, tmp_path, 5, "--ckpt_path", "last"))
+        message = str(refused.value)
+        assert message.startswith(f"cppo: the run folder {run} is in use by pid {holder.pid} on this host")
+        assert "log every step twice" in message
+        # Nothing of the first run was touched: its metrics and checkpoints are as they were.
+        assert (run / "metrics.csv").read_text() == metrics
+        assert sorted((run / "checkpoints").iterdir()) == checkpoints
+    finally:
+        holder.communicate("", timeout=30)
+    # Once that run has ended (its lock went with its process), the folder can be continued.
+    cli = lightning_cli(fit_args(tiny_qwen, tmp_path, 5, "--ckpt_path", "last"))
+    assert cli.trainer.global_step == 5 and cli.trainer.log_dir == str(run)
