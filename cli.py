@@ -11,6 +11,7 @@
     cppo export runs/demo/.../checkpoints/adapter merged-model/   # or .../checkpoints/last.ckpt (any mode)
     cppo tiny qwen2_5_vl demo models/tiny-demo
     cppo audit --config configs/demo/cppo.yaml    # do I+ preserve and I- remove what the task needs?
+    cppo predict --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt --output answers/
 
 The data's processor is linked to the policy (``model.policy.model_name_or_path``), and the resolved
 config is saved in the run folder, so every run can be reproduced from its own folder.
@@ -52,6 +53,11 @@ class CPPOLightningCLI(LightningCLI):
     """
 
     resumption: Resumption | None = None
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's subcommands but ``predict`` (``cppo predict`` is the project's own command)."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.policy.model_name_or_path", "data.init_args.processor_name_or_path")
@@ -1055,6 +1061,70 @@ def _audit(argv: list[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- predict
+
+
+def predict(args: list[str], output: str | Path, ckpt_path: str | None = None) -> Path:
+    """Sample answers for the test data of a config and write them as JSON lines (``cppo predict``).
+
+    Every question of the config's test sources gets ``model.evaluation.samples_per_question`` completions
+    at the evaluation temperature; ``output/samples.jsonl`` holds one line per question (benchmark, id,
+    question, reference answer, completions, extracted answers, grades), beside ``report.md``/``.json``.
+
+    Args:
+        args: LightningCLI arguments (``["--config", "RUN/config.yaml", ...]``).
+        output: folder to write.
+        ckpt_path: a Lightning checkpoint of the policy (verified, then loaded onto the config's base).
+
+    Returns:
+        The ``samples.jsonl`` written.
+
+    Raises:
+        SystemExit: the config has no test data, or the checkpoint is incomplete or corrupt.
+    """
+    report = {"class_path": "callbacks.EvaluationReport", "init_args": {"output_dir": str(output)}}
+    # `cppo test` with the report as its only callback: the checkpoint is verified and its hyperparameters
+    # fill what the config leaves silent, as for test.
+    cli = _cli(
+        CPPOModule,
+        [
+            "test",
+            *args,
+            "--trainer.logger",
+            "false",
+            "--trainer.callbacks",
+            json.dumps([report]),
+            *(["--ckpt_path", str(ckpt_path)] if ckpt_path is not None else []),
+        ],
+        run=True,
+        save_config=False,
+    )
+    if not cli.datamodule.eval_names["test"]:
+        sys.exit("cppo predict: the config has no test data (data.init_args.test, or a test_size)")
+    return Path(output) / "samples.jsonl"
+
+
+def _predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cppo predict",
+        description="Sample answers for the test data of a config (k per question, the evaluation settings) "
+        "and write them as JSON lines (OUTPUT/samples.jsonl: id, question, answer, completions, extracted "
+        "answers, grades). Other arguments go to LightningCLI (--config RUN/config.yaml, --data.init_args.test ...).",
+    )
+    parser.add_argument("--output", required=True, help="folder for samples.jsonl (and report.md/.json)")
+    parser.add_argument(
+        "--ckpt_path", "--ckpt-path", default=None, help="a checkpoint of the run to sample from"
+    )
+    options, extra = parser.parse_known_args(argv)
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in extra):
+        parser.error("give the config of the model and data: --config RUN/config.yaml (or a training config)")
+    path = predict(extra, options.output, options.ckpt_path)
+    with open(path) as handle:
+        count = sum(1 for _ in handle)
+    print(f"{path}: {count} questions")
+    return 0
+
+
 _COMMANDS = {
     "demo": _demo,
     "study": _study,
@@ -1064,13 +1134,44 @@ _COMMANDS = {
     "tiny": _tiny,
     "evaluate": _evaluate,
     "audit": _audit,
+    "predict": _predict,
 }
+
+#: What ``cppo --help`` lists: every command, LightningCLI's and the project's.
+_HELP = {
+    "fit": "train (LightningCLI; --ckpt_path last / --resume RUN_DIR continue a run)",
+    "validate": "avg@k on the validation data (LightningCLI)",
+    "test": "avg@k on the test data (LightningCLI)",
+    "predict": "sample answers for the test data, written as JSON lines",
+    "demo": "the CPU demo: warm start, CPPO, held-out accuracy before and after",
+    "study": "GRPO vs CPPO vs PAPO from one warm start, several seeds, one table",
+    "warmstart": "supervised warm start; writes a model folder",
+    "evaluate": "the paper's evaluation on its seven benchmarks (avg@k, a report)",
+    "audit": "do the I+ / I- perturbation pools preserve / remove what the task needs?",
+    "export": "a trained policy as a plain transformers folder (LoRA merged, or full)",
+    "plot": "overlay the curves of several runs",
+    "tiny": "build a tiny offline VLM folder",
+}
+
+
+def _print_help() -> None:
+    width = max(len(name) for name in _HELP)
+    lines = [
+        "usage: cppo COMMAND [options]   (cppo COMMAND --help: the options of one command)",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {text}" for name, text in _HELP.items()]
+    print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cppo`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
+        _print_help()
+        return 0 if argv else 2
+    if argv[0] in _COMMANDS:
         return _COMMANDS[argv[0]](argv[1:])
     lightning_cli(argv)
     return 0

@@ -281,6 +281,7 @@ class SkipReport:
             ``skipped.jsonl`` holds.
         logged_per_reason: at most this many warning lines per reason; the rest is in the summary and
             ``skipped.jsonl``.
+        longest_prompt: ``(tokens, id)`` of the longest prompt among the kept examples.
     """
 
     source: str
@@ -290,6 +291,8 @@ class SkipReport:
     converted: Counter = field(default_factory=Counter)
     entries: list[dict[str, Any]] = field(default_factory=list)
     logged_per_reason: int = 3
+    #: ``(tokens, example id)`` of the longest prompt kept (what the model's context must hold).
+    longest_prompt: tuple[int, str] = (0, "")
 
     def add(self, reason: str, example_id: str, detail: str = "", row: int | None = None) -> None:
         """Count one skipped example; log it while its reason has had fewer than ``logged_per_reason`` lines."""

@@ -238,7 +238,7 @@ def check_examples(
             raw = open_image(example[columns["image"]], image_root, allow_outside_root)
             check_image_tags(example[columns["question"]], images=1)
             image = fit_pixels(to_rgb(raw), limits)
-            encoder.check(question, image)
+            length = encoder.check(question, image)
         except ExampleError as error:
             if strict:
                 raise ValueError(f"{report.source}: example {example_id!r} (row {row}): {error}") from None
@@ -249,6 +249,8 @@ def check_examples(
         # Counted only for kept examples: the summary's conversions are among the examples trained on.
         if raw.mode != "RGB":
             report.converted[raw.mode] += 1
+        if length > report.longest_prompt[0]:
+            report.longest_prompt = (length, example_id)
         kept.append(row)
     return kept
 
@@ -528,6 +530,12 @@ class VisualQADataModule(pl.LightningDataModule):
         rank_zero = not self._trainer_attached() or self.trainer.is_global_zero
         if self._skipped_file is not None and rank_zero:
             write_skipped(self._skipped_file, self.skip_reports)
+
+    @property
+    def longest_prompt(self) -> tuple[int, str] | None:
+        """``(tokens, example id)`` of the longest prompt (text + image tokens) kept at set-up, or None."""
+        lengths = [report.longest_prompt for report in self.skip_reports if report.longest_prompt[0]]
+        return max(lengths) if lengths else None
 
     @property
     def load_failures(self) -> dict[str, dict[str, str]]:

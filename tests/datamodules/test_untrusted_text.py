@@ -158,3 +158,12 @@ def test_an_extreme_aspect_ratio_is_a_counted_skip_not_an_abort(tiny_qwen, tmp_p
     assert entry["id"] == "strip" and entry["reason"] == "image size refused by the processor"
     assert "absolute aspect ratio must be smaller than 200, got 252.0" in entry["detail"]
     assert dm.datasets["train"][0].ids == ["plain"]
+
+
+def test_an_empty_jsonl_is_an_error_naming_the_file(tiny_qwen, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    dm = datamodule(tmp_path / "empty.jsonl", tiny_qwen)
+    with pytest.raises(
+        ValueError, match=rf"data source '{tmp_path / 'empty.jsonl'}' is empty: the file holds no"
+    ):
+        dm.setup("fit")
