@@ -120,6 +120,8 @@ class CPPOLightningCLI(LightningCLI):
                     value = model[group]
                     subparser.set_defaults({f"model.{group}": getattr(value, "as_dict", lambda: value)()})
             self.config = self.parser.parse_args(self._arguments)
+            # What resolve_checkpoint made of `--ckpt_path last` (a file) stays: parsing again undid it.
+            self.config[subcommand].ckpt_path = ckpt_path
         used = self.config[subcommand].model
         stored = dict(_leaves(from_checkpoint[subcommand].model))
         self.hyperparameter_differences = [

@@ -191,6 +191,15 @@ def test_validate_reads_the_checkpoint_where_the_config_is_silent(tiny_qwen, str
     assert "val/avg@3" in cli.trainer.callback_metrics
 
 
+def test_validate_with_ckpt_path_last_and_a_changed_setting(tiny_qwen, straight, capsys):
+    # The checkpoint's hyperparameters are read where the config is silent; `last` stays the newest file.
+    args = ["validate", "--config", str(straight / "config.yaml"), "--ckpt_path", "last"]
+    cli = lightning_cli([*args, "--model.evaluation.samples_per_question", "3"])
+    assert cli.trainer.ckpt_path == str(straight / "checkpoints" / "last.ckpt")
+    assert cli.hyperparameter_differences == [("model.evaluation.samples_per_question", 2, 3)]
+    assert "val/avg@3" in cli.trainer.callback_metrics
+
+
 def flip_tensor_bytes(checkpoint):
     """Flip 16 bytes inside the largest tensor's data, leaving the zip directory intact: what a bad disk
     or a faulty copy does, and what ``torch.load`` accepts without a word."""
