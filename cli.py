@@ -84,7 +84,7 @@ class CPPOLightningCLI(LightningCLI):
         Lightning's own rule (the checkpoint's ``hyper_parameters`` replace the model config) would make
         ``fit --config cppo.yaml --ckpt_path grpo.ckpt`` train GRPO and hide a different base model from the
         base check. Here ``fit`` uses the config and command line as written (the checkpoint contributes
-        weights and training state only); ``validate``/``test``/``predict`` take the checkpoint's values
+        weights and training state only); ``validate``/``test`` (and ``cppo predict``) take the checkpoint's values
         where the config and command line are silent (they are the defaults the arguments are parsed over).
         """
         subcommand = self.config.get("subcommand")
@@ -116,9 +116,8 @@ class CPPOLightningCLI(LightningCLI):
                 try:
                     subparser.set_defaults({f"model.{key}": value})
                 except KeyError:  # inside a class_path/init_args value: the whole value is one default
-                    group = key.split(".")[0]
-                    value = model[group]
-                    subparser.set_defaults({f"model.{group}": getattr(value, "as_dict", lambda: value)()})
+                    whole = model[key.split(".")[0]]
+                    subparser.set_defaults({f"model.{key.split('.')[0]}": whole.as_dict()})
             self.config = self.parser.parse_args(self._arguments)
             # What resolve_checkpoint made of `--ckpt_path last` (a file) stays: parsing again undid it.
             self.config[subcommand].ckpt_path = ckpt_path

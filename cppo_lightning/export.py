@@ -65,6 +65,25 @@ def _base_video_config(base: str | None) -> dict | None:
     return json.loads(legacy.read_text()) if legacy.is_file() else None
 
 
+def _video_processor_type(output: Path, base: str | None, image: dict) -> str:
+    """The video processor class transformers pairs with the model type (Qwen2.5-VL: Qwen2VLVideoProcessor)."""
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
+
+    model_type = None
+    if (output / "config.json").is_file():
+        model_type = json.loads((output / "config.json").read_text()).get("model_type")
+    elif base is not None:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(resolve_model_path(base)).model_type
+    names = VIDEO_PROCESSOR_MAPPING_NAMES.get(model_type) if model_type else None
+    if names:
+        name = next(iter(names.values())) if isinstance(names, dict) else names
+        if name:
+            return name
+    return str(image.get("image_processor_type", "")).replace("ImageProcessor", "VideoProcessor")
+
+
 def save_processor(processor, output: str | Path, base: str | None = None) -> Path:
     """Save ``processor`` to ``output`` as its transformers class, loadable by ``AutoProcessor``.
 
@@ -98,8 +117,7 @@ def save_processor(processor, output: str | Path, base: str | None = None) -> Pa
                 # Images only were trained: the video processor shares the image processor's settings.
                 image = config.get("image_processor") or processor.image_processor.to_dict()
                 video = {key: image[key] for key in _SHARED_WITH_VIDEO if key in image}
-                image_type = str(image.get("image_processor_type", ""))
-                video["video_processor_type"] = image_type.replace("ImageProcessor", "VideoProcessor")
+                video["video_processor_type"] = _video_processor_type(output, base, image)
             config["video_processor"] = video
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return output

@@ -259,12 +259,21 @@ def special_token_strings(tokenizer) -> list[str]:
     return sorted((token for token in tokens if token), key=len, reverse=True)
 
 
-def escape_special_tokens(text: str, tokens: Sequence[str]) -> str:
+def special_token_pattern(tokens: Sequence[str]) -> re.Pattern | None:
+    """One regular expression matching any of ``tokens`` (longest first), or None for no tokens.
+
+    One pass over a text whatever the number of tokens (some tokenizers mark thousands as special).
+    """
+    tokens = sorted(set(tokens), key=len, reverse=True)
+    return re.compile("|".join(re.escape(token) for token in tokens)) if tokens else None
+
+
+def escape_special_tokens(text: str, tokens: Sequence[str] | re.Pattern | None) -> str:
     """``text`` with every occurrence of ``tokens`` broken by a zero-width space, so it tokenizes as text."""
-    for token in tokens:
-        if token in text:
-            text = text.replace(token, token[0] + _ZERO_WIDTH_SPACE + token[1:])
-    return text
+    pattern = tokens if isinstance(tokens, re.Pattern) or tokens is None else special_token_pattern(tokens)
+    if pattern is None:
+        return text
+    return pattern.sub(lambda match: match.group(0)[0] + _ZERO_WIDTH_SPACE + match.group(0)[1:], text)
 
 
 @dataclass
@@ -395,17 +404,28 @@ class PromptEncoder:
         self.special_tokens = special_token_strings(tokenizer)
         self._image_placeholders: int | None = None
 
+    @property
+    def special_tokens(self) -> list[str]:
+        """The tokenizer's special tokens that may not appear in a question, answer or choice."""
+        return self._special_tokens
+
+    @special_tokens.setter
+    def special_tokens(self, tokens: Sequence[str]) -> None:
+        self._special_tokens = list(tokens)
+        self._special_pattern = special_token_pattern(self._special_tokens)
+
     def text(self, value: str, field_name: str) -> str:
         """A question, answer or choice checked for special tokens: escaped, or refused.
 
         Raises:
             ExampleError: it contains special tokens and ``special_tokens_in_text`` is ``"skip"``.
         """
-        found = [token for token in self.special_tokens if token in value]
-        if not found:
+        matches = self._special_pattern.findall(value) if self._special_pattern is not None else []
+        if not matches:
             return value
+        found = list(dict.fromkeys(matches))  # in the order they appear
         if self.special_tokens_in_text == "escape":
-            return escape_special_tokens(value, self.special_tokens)
+            return escape_special_tokens(value, self._special_pattern)
         raise ExampleError(
             "special tokens in text",
             f"field {field_name!r} contains the tokenizer's special tokens {found} (they would act as chat or "
@@ -417,7 +437,7 @@ class PromptEncoder:
         from cppo_lightning.models import chat_prompt
 
         if self.special_tokens_in_text == "escape":
-            question = escape_special_tokens(question, self.special_tokens)
+            question = escape_special_tokens(question, self._special_pattern)
         return chat_prompt(self.processor, self.prompt_template.format(question=question), self.system_prompt)
 
     def image_tokens(self, size: tuple[int, int]) -> int:
@@ -486,7 +506,7 @@ class PromptEncoder:
         """
         text = self.prompt_text(question)
         if self.special_tokens_in_text == "escape":
-            answer = escape_special_tokens(answer, self.special_tokens)
+            answer = escape_special_tokens(answer, self._special_pattern)
         text_inputs: dict = {}
         vision: dict[str, dict] = {}
         for view, image in views.items():

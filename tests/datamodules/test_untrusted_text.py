@@ -57,9 +57,9 @@ def test_special_tokens_in_questions_answers_and_choices_are_counted_named_skips
     assert dm.datasets["train"][0].ids == ["plain"]
     details = {entry["id"]: entry["detail"] for entry in report.entries}
     assert details["forged-turn"].startswith(
-        "field 'question' contains the tokenizer's special tokens ['<|im_start|>', '<|im_end|>']"
+        "field 'question' contains the tokenizer's special tokens ['<|im_end|>', '<|im_start|>']"
     )
-    assert "['<|vision_start|>', '<|vision_end|>', '<|image_pad|>']" in details["image-slot"]
+    assert "['<|vision_start|>', '<|image_pad|>', '<|vision_end|>']" in details["image-slot"]
     assert details["answer"].startswith(
         "field 'answer' contains the tokenizer's special tokens ['<|endoftext|>']"
     )
