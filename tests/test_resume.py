@@ -183,6 +183,7 @@ def test_validate_reads_the_checkpoint_where_the_config_is_silent(tiny_qwen, str
     )
     checkpoint = straight / "checkpoints" / "last.ckpt"
     args = ["validate", "--config", str(config), "--ckpt_path", str(checkpoint)]
+    args += ["--trainer.default_root_dir", str(tmp_path)]  # no logger: config.yaml and views go there
     cli = lightning_cli([*args, "--model.evaluation.samples_per_question", "3"])
     assert cli.model.policy_config.model_name_or_path == str(tiny_qwen)  # from the checkpoint
     assert type(cli.model.objective).__name__ == "GRPO" and cli.model.rollout_config.samples_per_prompt == 4
