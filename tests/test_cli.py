@@ -320,7 +320,7 @@ def test_cppo_help_lists_every_command(capsys):
 
 
 def test_cppo_predict_writes_sampled_answers_as_jsonl(tiny_qwen, tmp_path, capsys):
-    lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 1))
+    lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 1, "--trainer.limit_val_batches", "0"))
     run = tmp_path / "grpo" / "version_0"
     args = [
         "predict",

@@ -140,6 +140,7 @@ def test_a_checkpoint_of_another_objective_trains_what_the_config_says(tiny_qwen
     # `cppo fit --config cppo.yaml --ckpt_path <a GRPO run's last.ckpt>` with G changed on the command line.
     checkpoint = straight / "checkpoints" / "last.ckpt"
     args = demo_args("cppo", tiny_qwen, tmp_path, 5, "--model.rollout.samples_per_prompt", "3")
+    args += ["--trainer.limit_val_batches", "0"]
     cli = lightning_cli([*args, "--ckpt_path", str(checkpoint)])
     assert type(cli.model.objective).__name__ == "CPPO" and cli.model.rollout_config.samples_per_prompt == 3
     assert cli.trainer.global_step == 5  # it resumed at step 4 and trained one CPPO step
