@@ -8,9 +8,10 @@
     cppo study                                  # GRPO vs CPPO vs PAPO, several seeds, one table
     cppo warmstart --config configs/demo/warmstart.yaml --output runs/demo/warmstart
     cppo plot runs/grpo runs/cppo --output compare.png
-    cppo export runs/demo/.../checkpoints/adapter merged-model/
+    cppo export runs/demo/.../checkpoints/adapter merged-model/   # or .../checkpoints/last.ckpt (any mode)
     cppo tiny qwen2_5_vl demo models/tiny-demo
     cppo audit --config configs/demo/cppo.yaml    # do I+ preserve and I- remove what the task needs?
+    cppo predict --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt --output answers/
 
 The data's processor is linked to the policy (``model.policy.model_name_or_path``), and the resolved
 config is saved in the run folder, so every run can be reproduced from its own folder.
@@ -53,26 +54,140 @@ class CPPOLightningCLI(LightningCLI):
 
     resumption: Resumption | None = None
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's subcommands but ``predict`` (``cppo predict`` is the project's own command)."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.policy.model_name_or_path", "data.init_args.processor_name_or_path")
 
+    #: ``(key, checkpoint value, value used)`` of every model hyperparameter in which the checkpoint
+    #: differs from what the run uses (filled when a checkpoint is given).
+    hyperparameter_differences: list[tuple[str, object, object]] = []
+
     def parse_arguments(self, parser, args) -> None:
         resume = None
+        self._arguments = None
         if not isinstance(args, dict) and not hasattr(args, "as_dict"):
             args, resume = resume_arguments(list(sys.argv[1:] if args is None else args))
+            self._arguments = args
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand is not None:
             # Before LightningCLI reads the checkpoint's hyperparameters: it must read the resolved file.
             self.resumption = resolve_checkpoint(self.config[subcommand], subcommand, resume)
 
+    def _parse_ckpt_path(self) -> None:
+        """Reconcile the checkpoint's hyperparameters with what the user wrote; list every difference.
+
+        Lightning's own rule (the checkpoint's ``hyper_parameters`` replace the model config) would make
+        ``fit --config cppo.yaml --ckpt_path grpo.ckpt`` train GRPO and hide a different base model from the
+        base check. Here ``fit`` uses the config and command line as written (the checkpoint contributes
+        weights and training state only); ``validate``/``test`` (and ``cppo predict``) take the checkpoint's values
+        where the config and command line are silent (they are the defaults the arguments are parsed over).
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        import torch
+
+        state = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        hparams = dict(state.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        written = self.config
+        try:
+            from_checkpoint = self.parser.parse_object({subcommand: {"model": hparams}}, written.clone())
+        except SystemExit:
+            sys.stderr.write(f"cppo: the hyperparameters of {ckpt_path} do not parse\n")
+            raise
+        if subcommand != "fit" and self._arguments is not None:
+            # The checkpoint's values become the defaults; the config files and options parse over them.
+            subparser = self.parser._subcommands_action._name_parser_map[subcommand]
+            model = from_checkpoint[subcommand].model
+            for key, value in _leaves(model):
+                try:
+                    subparser.set_defaults({f"model.{key}": value})
+                except KeyError:  # inside a class_path/init_args value: the whole value is one default
+                    whole = model[key.split(".")[0]]
+                    subparser.set_defaults({f"model.{key.split('.')[0]}": whole.as_dict()})
+            self.config = self.parser.parse_args(self._arguments)
+            # What resolve_checkpoint made of `--ckpt_path last` (a file) stays: parsing again undid it.
+            self.config[subcommand].ckpt_path = ckpt_path
+        used = self.config[subcommand].model
+        stored = dict(_leaves(from_checkpoint[subcommand].model))
+        self.hyperparameter_differences = [
+            (f"model.{key}", stored[key], value)
+            for key, value in _leaves(used)
+            if key in stored and not _same_setting(key, stored[key], value)
+        ]
+        if self.hyperparameter_differences:
+            lines = [
+                f"  {key}: {_show(before)} in the checkpoint -> {_show(after)}"
+                for key, before, after in self.hyperparameter_differences
+            ]
+            _say(
+                f"{subcommand} uses the config and command line where they differ from the hyperparameters "
+                f"saved in {ckpt_path}:\n" + "\n".join(lines)
+            )
+
+    run_lock = None
+
     def before_fit(self) -> None:
-        """Keep the resumed run's metrics file (Lightning's CSV writer deletes it in an existing folder)."""
+        """Lock the run folder (one writer), then keep a resumed run's metrics file (Lightning's CSV writer
+        deletes it in an existing folder)."""
+        from callbacks.run_lock import RunLock
+
+        if self.trainer.loggers and self.trainer.is_global_zero and self.trainer.log_dir:
+            self.run_lock = RunLock(self.trainer.log_dir).acquire()
         if self.resumption is not None and self.resumption.checkpoint is not None:
             continue_metrics(self.trainer, self.resumption.batches)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # also when the run fails or is preempted: a process that goes on may start another run
+            if self.run_lock is not None:
+                self.run_lock.release()
+                self.run_lock = None
+
 
 # ---------------------------------------------------------------------------------------------- resuming
+def _leaves(namespace) -> list[tuple[str, object]]:
+    """``(dotted key, value)`` of every leaf of a jsonargparse namespace (a ``class_path`` is a leaf)."""
+    return list(namespace.items())
+
+
+def _same_setting(key: str, stored, used) -> bool:
+    """Whether a checkpoint's hyperparameter and the value used mean the same (import paths resolved)."""
+    if key == "reward_functions":
+        from cppo_lightning.rewards import DEFAULT_REWARDS
+
+        stored, used = stored or DEFAULT_REWARDS, used or DEFAULT_REWARDS
+    if key.endswith("class_path") and isinstance(stored, str) and isinstance(used, str):
+        import importlib
+
+        def resolve(path: str):
+            module, _, name = path.rpartition(".")
+            return getattr(importlib.import_module(module), name)
+
+        try:
+            return resolve(stored) is resolve(used)
+        except (ImportError, AttributeError, ValueError):
+            return stored == used
+    return stored == used
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass
@@ -186,7 +301,7 @@ def resolve_checkpoint(config, subcommand: str, resume: Path | None) -> Resumpti
         ckpt_path = "last"  # a requeued SLURM job continues where it was preempted
     if resume is None and ckpt_path != "last":
         if ckpt_path not in (None, "best", "hpc") and Path(ckpt_path).is_file():
-            problem = checkpoint_problem(ckpt_path)
+            problem = checkpoint_problem(ckpt_path, verify_data=True)
             if problem is not None:
                 newest = latest_checkpoint(Path(ckpt_path).parent).checkpoint
                 hint = f"; the newest complete one there is {newest.path}" if newest else ""
@@ -539,17 +654,29 @@ def _study(argv: list[str]) -> int:
 
 def _export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="cppo export", description="Merge a LoRA adapter folder into its base model."
+        prog="cppo export",
+        description="Write a trained policy as a plain transformers folder (AutoModelForImageTextToText and "
+        "AutoProcessor load it): a LoRA/QLoRA adapter merged into its base, or a full fine-tune as it is.",
     )
-    parser.add_argument("adapter", help="adapter folder (written beside the checkpoints as 'adapter')")
-    parser.add_argument("output", help="folder for the merged model")
     parser.add_argument(
-        "--dtype", default="float32", help="dtype of the merged weights (float32, bfloat16, float16)"
+        "source",
+        help="an adapter folder (checkpoints/adapter), a checkpoint file (checkpoints/last.ckpt, any "
+        "fine-tuning mode) or a run folder (its checkpoints/last.ckpt)",
+    )
+    parser.add_argument("output", help="folder for the exported model (new or empty)")
+    parser.add_argument(
+        "--dtype", default="float32", help="dtype of the written weights (float32, bfloat16, float16)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a folder that already holds files"
     )
     options = parser.parse_args(argv)
-    from cppo_lightning.export import merge_adapter_folder
+    from cppo_lightning.export import ExportError, export
 
-    print(merge_adapter_folder(options.adapter, options.output, dtype=options.dtype))
+    try:
+        print(export(options.source, options.output, dtype=options.dtype, overwrite=options.overwrite))
+    except (ExportError, FileNotFoundError) as error:
+        parser.error(str(error))
     return 0
 
 
@@ -935,6 +1062,70 @@ def _audit(argv: list[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- predict
+
+
+def predict(args: list[str], output: str | Path, ckpt_path: str | None = None) -> Path:
+    """Sample answers for the test data of a config and write them as JSON lines (``cppo predict``).
+
+    Every question of the config's test sources gets ``model.evaluation.samples_per_question`` completions
+    at the evaluation temperature; ``output/samples.jsonl`` holds one line per question (benchmark, id,
+    question, reference answer, completions, extracted answers, grades), beside ``report.md``/``.json``.
+
+    Args:
+        args: LightningCLI arguments (``["--config", "RUN/config.yaml", ...]``).
+        output: folder to write.
+        ckpt_path: a Lightning checkpoint of the policy (verified, then loaded onto the config's base).
+
+    Returns:
+        The ``samples.jsonl`` written.
+
+    Raises:
+        SystemExit: the config has no test data, or the checkpoint is incomplete or corrupt.
+    """
+    report = {"class_path": "callbacks.EvaluationReport", "init_args": {"output_dir": str(output)}}
+    # `cppo test` with the report as its only callback: the checkpoint is verified and its hyperparameters
+    # fill what the config leaves silent, as for test.
+    cli = _cli(
+        CPPOModule,
+        [
+            "test",
+            *args,
+            "--trainer.logger",
+            "false",
+            "--trainer.callbacks",
+            json.dumps([report]),
+            *(["--ckpt_path", str(ckpt_path)] if ckpt_path is not None else []),
+        ],
+        run=True,
+        save_config=False,
+    )
+    if not cli.datamodule.eval_names["test"]:
+        sys.exit("cppo predict: the config has no test data (data.init_args.test, or a test_size)")
+    return Path(output) / "samples.jsonl"
+
+
+def _predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cppo predict",
+        description="Sample answers for the test data of a config (k per question, the evaluation settings) "
+        "and write them as JSON lines (OUTPUT/samples.jsonl: id, question, answer, completions, extracted "
+        "answers, grades). Other arguments go to LightningCLI (--config RUN/config.yaml, --data.init_args.test ...).",
+    )
+    parser.add_argument("--output", required=True, help="folder for samples.jsonl (and report.md/.json)")
+    parser.add_argument(
+        "--ckpt_path", "--ckpt-path", default=None, help="a checkpoint of the run to sample from"
+    )
+    options, extra = parser.parse_known_args(argv)
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in extra):
+        parser.error("give the config of the model and data: --config RUN/config.yaml (or a training config)")
+    path = predict(extra, options.output, options.ckpt_path)
+    with open(path) as handle:
+        count = sum(1 for _ in handle)
+    print(f"{path}: {count} questions")
+    return 0
+
+
 _COMMANDS = {
     "demo": _demo,
     "study": _study,
@@ -944,13 +1135,44 @@ _COMMANDS = {
     "tiny": _tiny,
     "evaluate": _evaluate,
     "audit": _audit,
+    "predict": _predict,
 }
+
+#: What ``cppo --help`` lists: every command, LightningCLI's and the project's.
+_HELP = {
+    "fit": "train (LightningCLI; --ckpt_path last / --resume RUN_DIR continue a run)",
+    "validate": "avg@k on the validation data (LightningCLI)",
+    "test": "avg@k on the test data (LightningCLI)",
+    "predict": "sample answers for the test data, written as JSON lines",
+    "demo": "the CPU demo: warm start, CPPO, held-out accuracy before and after",
+    "study": "GRPO vs CPPO vs PAPO from one warm start, several seeds, one table",
+    "warmstart": "supervised warm start; writes a model folder",
+    "evaluate": "the paper's evaluation on its seven benchmarks (avg@k, a report)",
+    "audit": "do the I+ / I- perturbation pools preserve / remove what the task needs?",
+    "export": "a trained policy as a plain transformers folder (LoRA merged, or full)",
+    "plot": "overlay the curves of several runs",
+    "tiny": "build a tiny offline VLM folder",
+}
+
+
+def _print_help() -> None:
+    width = max(len(name) for name in _HELP)
+    lines = [
+        "usage: cppo COMMAND [options]   (cppo COMMAND --help: the options of one command)",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {text}" for name, text in _HELP.items()]
+    print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cppo`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
+        _print_help()
+        return 0 if argv else 2
+    if argv[0] in _COMMANDS:
         return _COMMANDS[argv[0]](argv[1:])
     lightning_cli(argv)
     return 0

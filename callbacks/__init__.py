@@ -8,6 +8,7 @@
 - :class:`CPLDirectionMonitor`: one early warning when the perturbation pools push CPPO's CPL the wrong way.
 - :class:`AtomicCheckpoint`: ``ModelCheckpoint`` whose files are complete or absent (temporary file, fsync, rename).
 - :class:`PreemptionCheckpoint`: on SIGTERM/SIGINT, save at the step boundary and exit with ``128 + signal``.
+- :class:`~callbacks.run_lock.RunLock`: one writer per run folder (``cppo fit`` holds it).
 - :func:`plot_runs`: overlay the curves of several runs (``cppo plot``).
 """
 

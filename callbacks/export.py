@@ -60,8 +60,10 @@ class AdapterExport(pl.Callback):
             if policy.uses_adapters:
                 pl_module.save_adapter(staging)
             else:
+                from cppo_lightning.export import save_processor
+
                 policy.model.save_pretrained(staging)
-                policy.processor.save_pretrained(staging)
+                save_processor(policy.processor, staging, policy.config.model_name_or_path)
             # Two renames: the old folder stays complete until the new one is.
             retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             if folder.exists():

@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     """``cppo plot RUN_DIR [RUN_DIR ...] [--output out.png] [--metrics a,b,c] [--smooth N]``.
 
     Returns:
-        0 on success, 2 when a run folder has no metrics (the message goes to stderr).
+        0 on success, 2 when a run folder has no metrics or a metric named in ``--metrics`` was logged by
+        no run (the message goes to stderr and suggests the closest logged name).
     """
     parser = argparse.ArgumentParser(
         prog="cppo plot", description="Overlay the training curves (CSVLogger metrics.csv) of several runs."
@@ -254,10 +255,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.smooth < 1:
         parser.error(f"--smooth must be >= 1, got {args.smooth}")
     try:
-        path = plot_runs(args.run_dirs, args.output, metrics, args.smooth)
+        logged = set().union(*(read_metrics(run) for run in args.run_dirs))
     except FileNotFoundError as error:
         print(f"cppo plot: error: {error}", file=sys.stderr)
         return 2
+    # A metric asked for by name that no run logged is a typo, not a blank panel (the defaults may be
+    # absent: a GRPO run logs no CPL).
+    named = args.metrics != ",".join(DEFAULT_METRICS)
+    unknown = [name for name in metrics if name not in logged] if named else []
+    if unknown:
+        import difflib
+
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(logged), n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        parser.error(f"no run logged {', '.join(hints)}; the runs logged: {', '.join(sorted(logged))}")
+    path = plot_runs(args.run_dirs, args.output, metrics, args.smooth)
     print(path)
     return 0
 

@@ -6,7 +6,9 @@ is lost and the job looks successful. With :class:`PreemptionCheckpoint` the ste
 (rollout and update are never cut in half), a checkpoint of exactly that state is written atomically at
 the same point where ``ModelCheckpoint`` writes its periodic ones (so resuming from it reproduces an
 uninterrupted run), and the process exits with status ``128 + signal`` (143 for SIGTERM, 130 for SIGINT),
-which schedulers and shells read as "killed by that signal". A second Ctrl+C stops at once, unsaved.
+which schedulers and shells read as "killed by that signal". A signal during validation stops the
+validation at its next batch (its partial metrics are not logged) and saves. A second Ctrl+C stops at once,
+unsaved, with status 130.
 
 Under SLURM with Lightning's ``SLURMEnvironment(auto_requeue=True)`` (its default when SLURM is detected),
 the environment's requeue signal (``SIGUSR1``; ask for it with ``#SBATCH --signal=SIGUSR1@90``) is handled
@@ -94,7 +96,10 @@ class PreemptionCheckpoint(pl.Callback):
     def _handle(self, signum: int, frame) -> None:
         if self.received is not None:
             if signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl+C: stop now, without a checkpoint
+                # A second Ctrl+C: stop now, without a checkpoint, with the status of an interrupted
+                # process (Lightning turns a KeyboardInterrupt into status 1).
+                sys.stderr.write("\nsecond Ctrl+C: stopping now, without saving\n")
+                raise Preempted(128 + signal.SIGINT)
             return
         self.received = signal.Signals(signum)
         sys.stderr.write(
@@ -178,8 +183,40 @@ class PreemptionCheckpoint(pl.Callback):
         self._save_if_signalled(trainer)
 
     @override
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        # A signal during validation stops it at the next batch: a scheduler's grace period is usually
+        # shorter than a validation. The training state to save is the same as after a whole validation.
+        if trainer.state.fn != "fit" or trainer.sanity_checking or self._stop:
+            return
+        received = self.received is not None
+        if trainer.world_size > 1:
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+        if not received:
+            return
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        done = loop.batch_progress.current.completed
+        # The metrics of a partial validation are not logged as if it had been complete.
+        results = getattr(loop, "_results", None)
+        if results is not None:
+            results.reset()
+            results.clear()
+        if trainer.is_global_zero:
+            sys.stderr.write(
+                f"{(self.received or signal.SIGTERM).name}: validation stopped after {done} batches; its metrics "
+                f"at global step {trainer.global_step} are not logged\n"
+            )
+        raise StopIteration  # Lightning's evaluation loop ends here, as if the data had run out
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A signal during validation (inside a step) saves when the validation is complete.
+        # A signal during validation saves here, once the validation has stopped (at its next batch).
         if trainer.state.fn == "fit":
             self._save_if_signalled(trainer)
 

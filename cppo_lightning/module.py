@@ -235,6 +235,41 @@ class CPPOModule(pl.LightningModule):
         batch_size = getattr(datamodule, "batch_size", None)
         if stage == "fit" and isinstance(batch_size, int):
             self._validate_sizes(batch_size)
+        self._check_context_length(stage, getattr(datamodule, "longest_prompt", None))
+
+    def _check_context_length(self, stage: str, longest_prompt: tuple[int, str] | None) -> None:
+        """Refuse completions that cannot fit the model's positions (with the longest prompt of the data).
+
+        Args:
+            stage: ``fit``, ``validate``, ``test`` ...
+            longest_prompt: ``(tokens, example id)`` of the data's longest prompt (a data module that
+                measured its prompts at set-up says so; None: the completion limit alone is checked).
+
+        Raises:
+            ValueError: naming the setting, the prompt and the model's context length.
+        """
+        from cppo_lightning.models.loading import context_length
+
+        limit = context_length(self.policy.model)
+        if limit is None:
+            return
+        settings = {
+            "model.evaluation.max_new_tokens": self.evaluation.max_new_tokens
+            or self.rollout_config.max_new_tokens
+        }
+        if stage == "fit":
+            settings = {"model.rollout.max_new_tokens": self.rollout_config.max_new_tokens, **settings}
+        prompt, example = longest_prompt if longest_prompt else (0, None)
+        for name, tokens in settings.items():
+            if tokens + prompt > limit:
+                with_prompt = (
+                    f" + the longest prompt ({prompt} tokens, example {example!r})" if prompt else ""
+                )
+                raise ValueError(
+                    f"{name} ({tokens}){with_prompt} = {tokens + prompt} tokens exceed the context length of "
+                    f"{self.policy_config.model_name_or_path} ({limit} positions): lower {name}"
+                    + (" or data.max_prompt_tokens" if prompt else "")
+                )
 
     @override
     def configure_optimizers(self):
@@ -537,9 +572,11 @@ class CPPOModule(pl.LightningModule):
         """
         if not self.policy.uses_adapters:
             raise ValueError("full fine-tuning has no adapter; use save_pretrained()")
+        from cppo_lightning.export import save_processor
+
         folder = Path(folder)
         self.policy.model.save_pretrained(folder)
-        self.policy.processor.save_pretrained(folder)
+        save_processor(self.policy.processor, folder, self.policy_config.model_name_or_path)
         return folder
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -547,13 +584,13 @@ class CPPOModule(pl.LightningModule):
 
         Under QLoRA the base is reloaded unquantized so that the merged weights are exact.
         """
-        from cppo_lightning.export import merge_adapter
+        from cppo_lightning.export import merge_adapter, save_processor
 
         folder = Path(folder)
         if self.policy.uses_adapters:
             return merge_adapter(self.policy, folder)
         self.policy.model.save_pretrained(folder)
-        self.policy.processor.save_pretrained(folder)
+        save_processor(self.policy.processor, folder, self.policy_config.model_name_or_path)
         return folder
 
 

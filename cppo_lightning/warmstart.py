@@ -96,8 +96,10 @@ class WarmStartModule(pl.LightningModule):
 
     def save_pretrained(self, folder) -> None:
         """Write the fine-tuned model and its processor (a plain ``transformers`` checkpoint)."""
+        from cppo_lightning.export import save_processor
+
         self.policy.model.save_pretrained(folder)
-        self.policy.processor.save_pretrained(folder)
+        save_processor(self.policy.processor, folder, self.policy_config.model_name_or_path)
 
 
 def target_ids(tokenizer, template: str, answers: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:

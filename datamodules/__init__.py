@@ -1,6 +1,13 @@
 """DataModules: data sources, albumentations perturbation pools, the synthetic perception task, evaluation
 benchmarks, collation."""
 
+import os
+
+# albumentations asks PyPI for a newer version on import unless told not to: an offline cluster node waits
+# for the time-out, and nothing here needs the answer. A value the user set is kept.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
 from datamodules.benchmarks import Benchmark, BenchmarkDataModule
 from datamodules.examples import DEFAULT_PROMPT_TEMPLATE, ImageLimits, PromptEncoder, SkipReport
 from datamodules.perturbations import PerturbationPool, ViewMaker

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cppo_lightning.batch import ORIGINAL, TEXT_KEYS, EncodedPrompt
 
@@ -140,7 +140,22 @@ def open_image(value: Any, image_root: Path | None = None, allow_outside_root: b
         raise ExampleError("unreadable image", f"{type(error).__name__}: {error}") from None
     if image.width < 1 or image.height < 1:
         raise ExampleError("unreadable image", f"empty image {image.size}")
-    return image
+    return upright(image)
+
+
+_ORIENTATION = 0x0112  # the EXIF tag a camera writes instead of rotating the pixels
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as it is meant to be seen: rotated/mirrored by its EXIF orientation (a phone photo's
+    orientation 6 is stored sideways). Images without an orientation tag are returned as they are."""
+    try:
+        orientation = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block: the pixels are still usable as stored
+        return image
+    if orientation in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _resolve(path: str | Path, root: Path | None, allow_outside_root: bool = False) -> Path:
@@ -164,10 +179,25 @@ def _resolve(path: str | Path, root: Path | None, allow_outside_root: bool = Fal
     return path
 
 
-def clean_question(question: Any) -> str:
-    """The question text without ``<image>`` placeholders (the chat template places the image)."""
+def _require_text(value: Any, field_name: str) -> None:
+    if isinstance(value, (Mapping, list, tuple, set)):
+        shown = json.dumps(value, default=str)
+        raise ExampleError(
+            "not text",
+            f"field {field_name!r} holds a {type(value).__name__} ({shown[:80]}), not text: map the column "
+            "that holds the text (source.columns) or flatten it",
+        )
+
+
+def clean_question(question: Any, field_name: str = "question") -> str:
+    """The question text without ``<image>`` placeholders (the chat template places the image).
+
+    Raises:
+        ExampleError: a dict or list where text is expected (its string form would be trained on).
+    """
     if question is None:
         return ""
+    _require_text(question, field_name)
     return _PLACEHOLDER.sub("", str(question)).strip()
 
 
@@ -208,7 +238,42 @@ def clean_answer(answer: Any, field_name: str = "answer") -> str:
         answer = distinct[0] if distinct else None
     if answer is None:
         return ""
+    _require_text(answer, field_name)
     return str(answer).strip()
+
+
+#: What ``special_tokens_in_text`` may be: skip the example, or escape the tokens so that they are text.
+SPECIAL_TOKEN_POLICIES = ("skip", "escape")
+
+# Inserted after a special token's first character: the string no longer matches the token, so the
+# tokenizer reads it as ordinary text (its bytes are the original ones plus this invisible character).
+_ZERO_WIDTH_SPACE = "\u200b"
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """Every special token of ``tokenizer`` as text (chat-template and vision markers included), longest first."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            tokens.add(str(token.content))
+    return sorted((token for token in tokens if token), key=len, reverse=True)
+
+
+def special_token_pattern(tokens: Sequence[str]) -> re.Pattern | None:
+    """One regular expression matching any of ``tokens`` (longest first), or None for no tokens.
+
+    One pass over a text whatever the number of tokens (some tokenizers mark thousands as special).
+    """
+    tokens = sorted(set(tokens), key=len, reverse=True)
+    return re.compile("|".join(re.escape(token) for token in tokens)) if tokens else None
+
+
+def escape_special_tokens(text: str, tokens: Sequence[str] | re.Pattern | None) -> str:
+    """``text`` with every occurrence of ``tokens`` broken by a zero-width space, so it tokenizes as text."""
+    pattern = tokens if isinstance(tokens, re.Pattern) or tokens is None else special_token_pattern(tokens)
+    if pattern is None:
+        return text
+    return pattern.sub(lambda match: match.group(0)[0] + _ZERO_WIDTH_SPACE + match.group(0)[1:], text)
 
 
 @dataclass
@@ -225,6 +290,7 @@ class SkipReport:
             ``skipped.jsonl`` holds.
         logged_per_reason: at most this many warning lines per reason; the rest is in the summary and
             ``skipped.jsonl``.
+        longest_prompt: ``(tokens, id)`` of the longest prompt among the kept examples.
     """
 
     source: str
@@ -234,6 +300,8 @@ class SkipReport:
     converted: Counter = field(default_factory=Counter)
     entries: list[dict[str, Any]] = field(default_factory=list)
     logged_per_reason: int = 3
+    #: ``(tokens, example id)`` of the longest prompt kept (what the model's context must hold).
+    longest_prompt: tuple[int, str] = (0, "")
 
     def add(self, reason: str, example_id: str, detail: str = "", row: int | None = None) -> None:
         """Count one skipped example; log it while its reason has had fewer than ``logged_per_reason`` lines."""
@@ -308,6 +376,9 @@ class PromptEncoder:
         system_prompt: optional system message.
         limits: image pixel limits.
         max_prompt_tokens: longest allowed prompt, image tokens included (None: no limit).
+        special_tokens_in_text: a question, answer or choice that contains one of the tokenizer's special
+            tokens (``<|im_end|>``, ``<|image_pad|>`` ...) is skipped (``"skip"``), or the tokens are escaped
+            so that they are plain text (``"escape"``). Left live, they would forge chat turns or image slots.
     """
 
     def __init__(
@@ -317,40 +388,102 @@ class PromptEncoder:
         system_prompt: str | None = None,
         limits: ImageLimits | None = None,
         max_prompt_tokens: int | None = None,
+        special_tokens_in_text: str = "skip",
     ) -> None:
+        if special_tokens_in_text not in SPECIAL_TOKEN_POLICIES:
+            raise ValueError(
+                f"special_tokens_in_text must be one of {SPECIAL_TOKEN_POLICIES}, got {special_tokens_in_text!r}"
+            )
         self.processor = processor
         self.prompt_template = prompt_template
         self.system_prompt = system_prompt
         self.limits = limits or ImageLimits()
         self.max_prompt_tokens = max_prompt_tokens
+        self.special_tokens_in_text = special_tokens_in_text
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.special_tokens = special_token_strings(tokenizer)
+        self._image_placeholders: int | None = None
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The tokenizer's special tokens that may not appear in a question, answer or choice."""
+        return self._special_tokens
+
+    @special_tokens.setter
+    def special_tokens(self, tokens: Sequence[str]) -> None:
+        self._special_tokens = list(tokens)
+        self._special_pattern = special_token_pattern(self._special_tokens)
+
+    def text(self, value: str, field_name: str) -> str:
+        """A question, answer or choice checked for special tokens: escaped, or refused.
+
+        Raises:
+            ExampleError: it contains special tokens and ``special_tokens_in_text`` is ``"skip"``.
+        """
+        matches = self._special_pattern.findall(value) if self._special_pattern is not None else []
+        if not matches:
+            return value
+        found = list(dict.fromkeys(matches))  # in the order they appear
+        if self.special_tokens_in_text == "escape":
+            return escape_special_tokens(value, self._special_pattern)
+        raise ExampleError(
+            "special tokens in text",
+            f"field {field_name!r} contains the tokenizer's special tokens {found} (they would act as chat or "
+            "image markers, not text); set data.special_tokens_in_text: escape to train on them as text",
+        )
 
     def prompt_text(self, question: str) -> str:
-        """The chat-templated prompt for one question."""
+        """The chat-templated prompt for one question (special tokens in it escaped under ``"escape"``)."""
         from cppo_lightning.models import chat_prompt
 
+        if self.special_tokens_in_text == "escape":
+            question = escape_special_tokens(question, self._special_pattern)
         return chat_prompt(self.processor, self.prompt_template.format(question=question), self.system_prompt)
 
     def image_tokens(self, size: tuple[int, int]) -> int:
-        """Number of image tokens the processor will insert for an image of ``(width, height)``."""
+        """Number of image tokens the processor will insert for an image of ``(width, height)``.
+
+        Raises:
+            ExampleError: the processor refuses the image size (e.g. Qwen's aspect ratio limit of 200).
+        """
         try:
             data = self.processor._get_num_multimodal_tokens(image_sizes=[[size[1], size[0]]])
             return int(data["num_image_tokens"][0])
         except (AttributeError, KeyError, TypeError, NotImplementedError):
             return 0
+        except ValueError as error:
+            raise ExampleError(
+                "image size refused by the processor", f"{size[0]} x {size[1]} image: {error}"
+            ) from None
+
+    def _placeholders(self, text_ids: Sequence[int]) -> int:
+        placeholder = getattr(self.processor, "image_token_id", None)
+        return sum(1 for token in text_ids if token == placeholder) if placeholder is not None else 0
 
     def check(self, question: str, image: Image.Image) -> int:
-        """Prompt length in tokens (text + image) of a resized image.
+        """Prompt length in tokens (text + image) of a resized image, after checking its token layout.
 
         Raises:
-            ExampleError: the prompt is longer than ``max_prompt_tokens``.
+            ExampleError: the prompt is longer than ``max_prompt_tokens``, holds another number of image
+                placeholders than the template places for one image, or the processor refuses the image.
         """
         text_ids = self.processor.tokenizer(self.prompt_text(question))["input_ids"]
+        if self._image_placeholders is None:
+            neutral = self.processor.tokenizer(self.prompt_text("?"))["input_ids"]
+            self._image_placeholders = self._placeholders(neutral)
+        found = self._placeholders(text_ids)
+        if found != self._image_placeholders:
+            # Training would stop at this row with "image features and image tokens do not match".
+            raise ExampleError(
+                "image tokens in text",
+                f"the prompt holds {found} image placeholder tokens where the template places "
+                f"{self._image_placeholders} for the one image",
+            )
         image_tokens = self.image_tokens(image.size)
         length = len(text_ids) + image_tokens
         if image_tokens:
             # The processor replaces the template's image placeholder by the image tokens: not counted twice.
-            placeholder = getattr(self.processor, "image_token_id", None)
-            length -= sum(1 for token in text_ids if token == placeholder)
+            length -= found
         if self.max_prompt_tokens is not None and length > self.max_prompt_tokens:
             raise ExampleError(
                 "prompt too long", f"{length} tokens > max_prompt_tokens={self.max_prompt_tokens}"
@@ -372,6 +505,8 @@ class PromptEncoder:
             ValueError: the views produce different tokens (names the example and the view).
         """
         text = self.prompt_text(question)
+        if self.special_tokens_in_text == "escape":
+            answer = escape_special_tokens(answer, self._special_pattern)
         text_inputs: dict = {}
         vision: dict[str, dict] = {}
         for view, image in views.items():

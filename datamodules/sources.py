@@ -121,8 +121,8 @@ def load_source(source: DataSource, report: SkipReport | None = None) -> dataset
 
     Raises:
         FileNotFoundError: a local path that does not exist, or a split the folder lacks.
-        ValueError: a file type ``datasets`` cannot read, or undecodable text where no line can be
-            skipped (a one-document ``.json`` file, a csv header).
+        ValueError: a file type ``datasets`` cannot read, an empty file, or undecodable text where no line
+            can be skipped (a one-document ``.json`` file, a csv header).
     """
     path = Path(source.path).expanduser()
     if path.is_dir():
@@ -134,7 +134,12 @@ def load_source(source: DataSource, report: SkipReport | None = None) -> dataset
                 f"{source.path}: cannot read {path.suffix!r} files; use one of {sorted(_FILE_BUILDERS)}"
             )
         readable = path if builder == "parquet" else _without_undecodable_lines(path, builder, source, report)
-        dataset = datasets.load_dataset(builder, data_files=str(readable), split="train")
+        if builder != "parquet" and not readable.read_bytes().strip():
+            raise ValueError(f"data source {source.path!r} is empty: the file holds no examples")
+        try:
+            dataset = datasets.load_dataset(builder, data_files=str(readable), split="train")
+        except StopIteration:  # what the json builder raises on a file without a single record
+            raise ValueError(f"data source {source.path!r} holds no examples") from None
     elif looks_local(source.path):
         raise FileNotFoundError(
             f"data source {source.path!r} does not exist (no file or folder {str(path.absolute())!r})"

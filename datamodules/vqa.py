@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import lightning.pytorch as pl
@@ -28,6 +28,7 @@ from typing_extensions import override
 from cppo_lightning.batch import MASKED, ORIGINAL, PRESERVING, REMOVING, PromptBatch
 from datamodules.examples import (
     DEFAULT_PROMPT_TEMPLATE,
+    SPECIAL_TOKEN_POLICIES,
     ExampleError,
     ImageLimits,
     PromptEncoder,
@@ -218,20 +219,26 @@ def check_examples(
     """
     kept = []
     needed = [columns["image"], columns["question"], columns["answer"]]
-    for row, example in enumerate(dataset.select_columns(needed)):
+    # The benchmarks' options (also appended to their questions): checked under their own name.
+    choices = "choices" if "choices" in dataset.column_names and "choices" not in needed else None
+    for row, example in enumerate(dataset.select_columns(needed + ([choices] if choices else []))):
         example_id = ids[row]
         report.total += 1
         try:
             answer = clean_answer(example[columns["answer"]], columns["answer"])
             if not answer:
                 raise ExampleError("missing answer", f"field {columns['answer']!r} is empty")
-            question = clean_question(example[columns["question"]])
+            question = clean_question(example[columns["question"]], columns["question"])
             if not question:
                 raise ExampleError("missing question", f"field {columns['question']!r} is empty")
+            if choices and example[choices]:
+                encoder.text(str(example[choices]), choices)
+            question = encoder.text(question, columns["question"])
+            encoder.text(answer, columns["answer"])
             raw = open_image(example[columns["image"]], image_root, allow_outside_root)
             check_image_tags(example[columns["question"]], images=1)
             image = fit_pixels(to_rgb(raw), limits)
-            encoder.check(question, image)
+            length = encoder.check(question, image)
         except ExampleError as error:
             if strict:
                 raise ValueError(f"{report.source}: example {example_id!r} (row {row}): {error}") from None
@@ -242,6 +249,8 @@ def check_examples(
         # Counted only for kept examples: the summary's conversions are among the examples trained on.
         if raw.mode != "RGB":
             report.converted[raw.mode] += 1
+        if length > report.longest_prompt[0]:
+            report.longest_prompt = (length, example_id)
         kept.append(row)
     return kept
 
@@ -256,9 +265,14 @@ def _check_arguments(
     views: list[str] | None,
     max_skip_fraction: float,
     num_workers: int,
+    special_tokens_in_text: str = "skip",
 ) -> None:
     """Refuse DataModule arguments that cannot work, all at once, before anything is loaded."""
     problems = []
+    if special_tokens_in_text not in SPECIAL_TOKEN_POLICIES:
+        problems.append(
+            f"special_tokens_in_text must be one of {list(SPECIAL_TOKEN_POLICIES)}, got {special_tokens_in_text!r}"
+        )
     if "{question}" not in prompt_template:
         problems.append(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -307,6 +321,9 @@ class VisualQADataModule(pl.LightningDataModule):
         removing_pool: ``I-`` transforms (default: the release's pool).
         masked_pool: PAPO's masked-view transforms (default: 14 px patches blackened with p = 0.6).
         strict: raise on the first bad example instead of skipping it.
+        special_tokens_in_text: a question, answer or choice holding one of the tokenizer's special tokens
+            (``<|im_end|>``, ``<|image_pad|>`` ...) is a counted skip (``"skip"``), or its tokens are escaped
+            into plain text (``"escape"``); never live chat or image markers.
         max_skip_fraction: set-up stops (with the summary) when a source loses more than this share of its
             examples to skips; 1.0 accepts any loss.
         skipped_path: where every skipped example is listed (JSON lines: source, id, row, reason, detail);
@@ -335,6 +352,7 @@ class VisualQADataModule(pl.LightningDataModule):
         removing_pool: PerturbationPool | None = None,
         masked_pool: PerturbationPool | None = None,
         strict: bool = False,
+        special_tokens_in_text: Literal["skip", "escape"] = "skip",
         max_skip_fraction: float = 0.2,
         skipped_path: str | None = None,
         num_workers: int = 0,
@@ -353,6 +371,7 @@ class VisualQADataModule(pl.LightningDataModule):
             views=views,
             max_skip_fraction=max_skip_fraction,
             num_workers=num_workers,
+            special_tokens_in_text=special_tokens_in_text,
         )
         self.train_source = train
         self.val_sources = list(val or [])
@@ -368,6 +387,7 @@ class VisualQADataModule(pl.LightningDataModule):
         self.views = tuple(views) if views is not None else None
         self.pools = {PRESERVING: preserving_pool, REMOVING: removing_pool, MASKED: masked_pool}
         self.strict = strict
+        self.special_tokens_in_text = special_tokens_in_text
         self.max_skip_fraction = max_skip_fraction
         self.skipped_path = skipped_path
         self.num_workers = num_workers
@@ -457,6 +477,7 @@ class VisualQADataModule(pl.LightningDataModule):
             self.prompt_template,
             self.system_prompt,
             max_prompt_tokens=self.max_prompt_tokens,
+            special_tokens_in_text=self.special_tokens_in_text,
         )
         limits = self.image_limits()
         rows = check_examples(
@@ -509,6 +530,12 @@ class VisualQADataModule(pl.LightningDataModule):
         rank_zero = not self._trainer_attached() or self.trainer.is_global_zero
         if self._skipped_file is not None and rank_zero:
             write_skipped(self._skipped_file, self.skip_reports)
+
+    @property
+    def longest_prompt(self) -> tuple[int, str] | None:
+        """``(tokens, example id)`` of the longest prompt (text + image tokens) kept at set-up, or None."""
+        lengths = [report.longest_prompt for report in self.skip_reports if report.longest_prompt[0]]
+        return max(lengths) if lengths else None
 
     @property
     def load_failures(self) -> dict[str, dict[str, str]]:

@@ -285,13 +285,34 @@ class SignalAtStep(pl.Callback):
     """Sends ``signum`` to this process in the middle of RL step ``step`` (0-based), between the rollout
     and the optimizer step: what a Ctrl+C or a scheduler's SIGTERM does at a random moment."""
 
-    def __init__(self, step: int = 1, signum: int = 2):
-        self.step, self.signum = step, signum
+    def __init__(self, step: int = 1, signum: int = 2, times: int = 1):
+        self.step, self.signum, self.times = step, signum, times
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         import os
 
         if trainer.global_step == self.step:
+            for _ in range(self.times):  # times=2: a user pressing Ctrl+C twice
+                os.kill(os.getpid(), self.signum)
+
+
+class SignalDuringValidation(pl.Callback):
+    """Sends ``signum`` to this process after validation batch ``batch`` of the first validation in training,
+    and records the validation batches that ran (``ran``)."""
+
+    ran: list[int] = []
+
+    def __init__(self, batch: int = 0, signum: int = 15):
+        self.batch, self.signum = batch, signum
+        SignalDuringValidation.ran = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        import os
+
+        if trainer.sanity_checking:
+            return
+        SignalDuringValidation.ran.append(batch_idx)
+        if batch_idx == self.batch:
             os.kill(os.getpid(), self.signum)
 
 

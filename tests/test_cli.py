@@ -1,6 +1,7 @@
 """The command line: every shipped config validates, in-process fit/validate/test, the real `cppo` command."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -306,3 +307,34 @@ def test_demo_configs_train_on_the_task_the_warm_start_learned():
         ]
 
     assert task("cppo") == task("grpo") == task("papo") == task("warmstart")
+
+
+def test_cppo_help_lists_every_command(capsys):
+    from cli import _COMMANDS
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    listed = {line.split()[0] for line in out.split("commands:\n")[1].splitlines() if line.strip()}
+    assert listed == {"fit", "validate", "test", *_COMMANDS}
+    assert {"demo", "evaluate", "audit", "export", "plot", "tiny", "predict"} <= listed
+
+
+def test_cppo_predict_writes_sampled_answers_as_jsonl(tiny_qwen, tmp_path, capsys):
+    lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 1, "--trainer.limit_val_batches", "0"))
+    run = tmp_path / "grpo" / "version_0"
+    args = [
+        "predict",
+        "--config",
+        str(run / "config.yaml"),
+        "--ckpt_path",
+        str(run / "checkpoints" / "last.ckpt"),
+    ]
+    assert main([*args, "--output", str(tmp_path / "answers")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "answers" / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 4  # test_size 4, one line per question
+    assert all(len(line["completions"]) == 2 and len(line["grades"]) == 2 for line in lines)  # k = 2
+    assert {"id", "question", "answer", "extracted"} <= set(lines[0])
+    assert f"{tmp_path / 'answers' / 'samples.jsonl'}: 4 questions" in capsys.readouterr().out
+    # Lightning's own predict (which needs a forward the module does not have) is not offered.
+    with pytest.raises(SystemExit):
+        lightning_cli(["predict", "--config", str(run / "config.yaml")])

@@ -132,3 +132,19 @@ def test_a_bad_reward_value_names_the_function_and_the_value(function, error, me
 def test_numbers_in_any_container_are_accepted(tiny_qwen):
     rewards, terms = RewardModel({returns_tensor: 2.0})(batch(1), torch.tensor([0, 0]), ["a", "b"])
     assert rewards.tolist() == [1.0, 2.0] and terms["returns_tensor"].tolist() == [0.5, 1.0]
+
+
+def test_completions_longer_than_the_model_context_are_refused_at_set_up(tiny_qwen, tmp_path):
+    # The tiny model has 4,096 positions (text_config.max_position_embeddings).
+    with pytest.raises(
+        ValueError, match=r"model.rollout.max_new_tokens \(5003\) \+ the longest prompt \((\d+) tokens, "
+    ):
+        lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 1, "--model.rollout.max_new_tokens", "5003"))
+    # The prompt counts too: 4,050 new tokens fit alone but not after the data's longest prompt.
+    with pytest.raises(ValueError) as raised:
+        lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 1, "--model.rollout.max_new_tokens", "4050"))
+    message = str(raised.value)
+    prompt = int(message.split("the longest prompt (")[1].split(" tokens")[0])
+    assert 4050 + prompt > 4096 and f"= {4050 + prompt} tokens exceed the context length" in message
+    assert "(4096 positions): lower model.rollout.max_new_tokens or data.max_prompt_tokens" in message
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before any step

@@ -3,6 +3,11 @@ metrics file from the newest complete checkpoint, and end where an uninterrupted
 
 import csv
 import json
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
@@ -126,3 +131,149 @@ def test_the_readme_validate_command_uses_what_the_run_trained_on(tiny_qwen, str
     )
     assert cli.model.policy_config.model_name_or_path == str(tiny_qwen)
     assert "val/avg@2" in cli.trainer.callback_metrics
+
+
+# ------------------------------------------------------------------ what wins on resume (issue 22, item 1)
+
+
+def test_a_checkpoint_of_another_objective_trains_what_the_config_says(tiny_qwen, straight, tmp_path, capsys):
+    # `cppo fit --config cppo.yaml --ckpt_path <a GRPO run's last.ckpt>` with G changed on the command line.
+    checkpoint = straight / "checkpoints" / "last.ckpt"
+    args = demo_args("cppo", tiny_qwen, tmp_path, 5, "--model.rollout.samples_per_prompt", "3")
+    args += ["--trainer.limit_val_batches", "0"]
+    cli = lightning_cli([*args, "--ckpt_path", str(checkpoint)])
+    assert type(cli.model.objective).__name__ == "CPPO" and cli.model.rollout_config.samples_per_prompt == 3
+    assert cli.trainer.global_step == 5  # it resumed at step 4 and trained one CPPO step
+    saved = (tmp_path / "cppo" / "version_0" / "config.yaml").read_text()
+    assert "class_path: cppo_lightning.objectives.CPPO" in saved and "samples_per_prompt: 3" in saved
+    # Every difference is listed at start-up, with both values.
+    assert ("model.rollout.samples_per_prompt", 4, 3) in cli.hyperparameter_differences
+    out = capsys.readouterr().out
+    assert (
+        f"fit uses the config and command line where they differ from the hyperparameters saved in {checkpoint}"
+        in out
+    )
+    assert "  model.rollout.samples_per_prompt: 4 in the checkpoint -> 3" in out
+    assert (
+        "  model.objective.class_path: 'cppo_lightning.objectives.objectives.GRPO' in the checkpoint -> "
+        "'cppo_lightning.objectives.CPPO'" in out
+    )
+
+
+def test_resume_with_an_override_uses_the_override(tiny_qwen, straight, tmp_path, capsys):
+    # `cppo fit --resume RUN --model.rollout.samples_per_prompt 3` (the run trained with G = 4).
+    run = shutil.copytree(straight, tmp_path / "grpo" / "version_0")
+    cli = lightning_cli(
+        ["fit", "--resume", str(run), "--model.rollout.samples_per_prompt", "3", "--trainer.max_steps", "5"]
+    )
+    assert cli.model.rollout_config.samples_per_prompt == 3 and cli.trainer.global_step == 5
+    assert "samples_per_prompt: 3" in (run / "config.yaml").read_text()
+    assert cli.hyperparameter_differences == [("model.rollout.samples_per_prompt", 4, 3)]
+    assert "  model.rollout.samples_per_prompt: 4 in the checkpoint -> 3" in capsys.readouterr().out
+
+
+def test_validate_reads_the_checkpoint_where_the_config_is_silent(tiny_qwen, straight, tmp_path):
+    # A config that names only data and trainer: the model settings are the checkpoint's; the command
+    # line still wins where it speaks.
+    config = tmp_path / "data-only.yaml"
+    config.write_text(
+        "trainer:\n  logger: false\n  enable_progress_bar: false\n  limit_val_batches: 1\n"
+        "data:\n  class_path: datamodules.SyntheticVQADataModule\n"
+        "  init_args:\n    task:\n      image_size: 112\n    train_size: 4\n    val_size: 2\n    test_size: 2\n"
+        "    eval_batch_size: 2\n"
+    )
+    checkpoint = straight / "checkpoints" / "last.ckpt"
+    args = ["validate", "--config", str(config), "--ckpt_path", str(checkpoint)]
+    args += ["--trainer.default_root_dir", str(tmp_path)]  # no logger: config.yaml and views go there
+    cli = lightning_cli([*args, "--model.evaluation.samples_per_question", "3"])
+    assert cli.model.policy_config.model_name_or_path == str(tiny_qwen)  # from the checkpoint
+    assert type(cli.model.objective).__name__ == "GRPO" and cli.model.rollout_config.samples_per_prompt == 4
+    assert cli.model.evaluation.samples_per_question == 3  # from the command line
+    assert cli.hyperparameter_differences == [("model.evaluation.samples_per_question", 2, 3)]
+    assert "val/avg@3" in cli.trainer.callback_metrics
+
+
+def test_validate_with_ckpt_path_last_and_a_changed_setting(tiny_qwen, straight, capsys):
+    # The checkpoint's hyperparameters are read where the config is silent; `last` stays the newest file.
+    args = ["validate", "--config", str(straight / "config.yaml"), "--ckpt_path", "last"]
+    cli = lightning_cli([*args, "--model.evaluation.samples_per_question", "3"])
+    assert cli.trainer.ckpt_path == str(straight / "checkpoints" / "last.ckpt")
+    assert cli.hyperparameter_differences == [("model.evaluation.samples_per_question", 2, 3)]
+    assert "val/avg@3" in cli.trainer.callback_metrics
+
+
+def flip_tensor_bytes(checkpoint):
+    """Flip 16 bytes inside the largest tensor's data, leaving the zip directory intact: what a bad disk
+    or a faulty copy does, and what ``torch.load`` accepts without a word."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        member = max(
+            (info for info in archive.infolist() if "/data/" in info.filename),
+            key=lambda info: info.file_size,
+        )
+    data = bytearray(checkpoint.read_bytes())
+    name_length, extra_length = struct.unpack(
+        "<HH", data[member.header_offset + 26 : member.header_offset + 30]
+    )
+    start = member.header_offset + 30 + name_length + extra_length + member.file_size // 2
+    data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
+    checkpoint.write_bytes(data)
+    return member.filename
+
+
+def test_a_checkpoint_with_flipped_tensor_bytes_is_passed_over(tiny_qwen, straight, tmp_path, capsys):
+    run = shutil.copytree(straight, tmp_path / "grpo" / "version_0")
+    last = run / "checkpoints" / "last.ckpt"
+    member = flip_tensor_bytes(last)
+    torch.load(last, weights_only=True)  # it loads: only the checksums tell
+    # An explicit path to it is refused, naming the damaged member and the intact checkpoint beside it.
+    with pytest.raises(
+        SystemExit, match=rf"last.ckpt is incomplete: corrupt: the data of '{member}' does not match"
+    ):
+        lightning_cli(fit_args(tiny_qwen, tmp_path, 5, "--ckpt_path", str(last)))
+    # `--resume` passes over it and continues from the intact step-4 checkpoint of the same state.
+    cli = lightning_cli(["fit", "--resume", str(run), "--trainer.max_steps", "5"])
+    assert cli.resumption.passed_over == [
+        (last, f"corrupt: the data of '{member}' does not match its recorded checksum (CRC-32)")
+    ]
+    assert cli.resumption.checkpoint.name == "epoch=0-step=4.ckpt" and cli.trainer.global_step == 5
+    assert f"checkpoint {last} is incomplete (corrupt: the data of" in capsys.readouterr().out
+
+
+# A second process holding a run folder's lock, as a `cppo fit` that is still running holds it.
+HOLDER = """
+import fcntl, os, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+handle.truncate(0)
+handle.write(f"pid {os.getpid()} on this host since now\\n")
+handle.flush()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(tiny_qwen, straight, tmp_path):
+    run = shutil.copytree(straight, tmp_path / "grpo" / "version_0")
+    metrics, checkpoints = (run / "metrics.csv").read_text(), sorted((run / "checkpoints").iterdir())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run / ".cppo.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        # `cppo fit --ckpt_path last` while the first run still trains in that folder.
+        with pytest.raises(SystemExit) as refused:
+            lightning_cli(fit_args(tiny_qwen, tmp_path, 5, "--ckpt_path", "last"))
+        message = str(refused.value)
+        assert message.startswith(f"cppo: the run folder {run} is in use by pid {holder.pid} on this host")
+        assert "log every step twice" in message
+        # Nothing of the first run was touched: its metrics and checkpoints are as they were.
+        assert (run / "metrics.csv").read_text() == metrics
+        assert sorted((run / "checkpoints").iterdir()) == checkpoints
+    finally:
+        holder.communicate("", timeout=30)
+    # Once that run has ended (its lock went with its process), the folder can be continued.
+    cli = lightning_cli(fit_args(tiny_qwen, tmp_path, 5, "--ckpt_path", "last"))
+    assert cli.trainer.global_step == 5 and cli.trainer.log_dir == str(run)

@@ -195,6 +195,16 @@ def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
     return _DTYPES[name]
 
 
+def context_length(model: nn.Module) -> int | None:
+    """Positions the language model was built for (``max_position_embeddings`` of its text config), or None."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 def vision_tower(model: nn.Module) -> nn.Module | None:
     """The vision encoder of a VLM (the table's attribute: ``visual``, ``vision_tower``, ``vision_model``), or None."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

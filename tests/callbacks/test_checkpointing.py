@@ -123,6 +123,44 @@ def test_ctrl_c_mid_step_finishes_the_step_saves_and_exits_130(tiny_qwen, tmp_pa
     assert adapter_matches(run / "checkpoints" / "adapter", run / "checkpoints" / "last.ckpt")
 
 
+def test_sigterm_during_validation_stops_it_and_saves(tiny_qwen, tmp_path, capsys):
+    from helpers import SignalDuringValidation
+
+    # Validation after step 2 over 4 batches; SIGTERM arrives after its first batch.
+    callbacks = [*CALLBACKS, {"class_path": "helpers.SignalDuringValidation", "init_args": {"batch": 0}}]
+    args = fit_args(tiny_qwen, tmp_path, 4, callbacks, "--trainer.val_check_interval", "2")
+    args += ["--trainer.limit_val_batches", "4", "--data.init_args.val_size", "8"]
+    args += ["--data.init_args.eval_batch_size", "2"]
+    with pytest.raises(SystemExit) as exited:
+        lightning_cli(args)
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert SignalDuringValidation.ran == [0]  # the other three batches were not run
+    run = tmp_path / "grpo" / "version_0"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert "SIGTERM: validation stopped after 1 batches; its metrics at global step 2 are not logged" in (
+        capsys.readouterr().err
+    )
+    with open(run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert not any(row.get("val/avg@2") for row in rows)  # no partial validation logged as a whole one
+    assert [row["step"] for row in rows if row.get("train/loss")] == ["0", "1"]
+
+
+def test_a_second_ctrl_c_stops_at_once_with_status_130(tiny_qwen, tmp_path):
+    callbacks = [
+        {
+            "class_path": "callbacks.AtomicCheckpoint",
+            "init_args": {"save_last": True, "every_n_train_steps": 50},
+        },
+        {"class_path": "callbacks.PreemptionCheckpoint"},
+        {"class_path": "helpers.SignalAtStep", "init_args": {"step": 1, "signum": 2, "times": 2}},
+    ]
+    with pytest.raises(SystemExit) as exited:
+        lightning_cli(fit_args(tiny_qwen, tmp_path, 5, callbacks))
+    assert exited.value.code == 130  # a shell's "interrupted", not Lightning's status 1
+    assert not list(tmp_path.rglob("*.ckpt"))  # stopped without saving
+
+
 def test_the_real_cppo_fit_sent_sigterm_saves_a_resumable_checkpoint_and_exits_143(tiny_qwen, tmp_path):
     """A scheduler's preemption of `cppo fit --config configs/demo/cppo.yaml` (its shipped callbacks)."""
     executable = os.path.join(os.path.dirname(sys.executable), "cppo")

@@ -89,6 +89,17 @@ def test_a_run_without_metrics_is_an_error_naming_it(two_runs, tmp_path, capsys)
     assert "crashed-run" in capsys.readouterr().err
 
 
+def test_a_misspelt_metric_is_an_error_with_the_closest_name(two_runs, tmp_path, capsys):
+    # `cppo plot RUN --metrics train/acuracy` used to exit 0 with a blank panel.
+    output = tmp_path / "typo.png"
+    with pytest.raises(SystemExit) as exited:
+        main([str(two_runs[0]), "--metrics", "train/reward_mean,train/rewrd_std", "--output", str(output)])
+    assert exited.value.code == 2 and not output.exists()
+    error = capsys.readouterr().err
+    assert "no run logged 'train/rewrd_std' (did you mean 'train/reward_std'?)" in error
+    assert "the runs logged: " in error and "train/reward_mean" in error
+
+
 def test_resumed_run_reads_versions_in_order_and_sparse_rows(tmp_path):
     run = tmp_path / "run"
     for version, text in (

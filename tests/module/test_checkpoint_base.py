@@ -109,3 +109,15 @@ def test_what_counts_as_another_base(saved, current, problem):
 def test_base_record_is_plain_data(tiny_qwen):
     record = base_record(str(tiny_qwen), "qlora")
     assert set(map(type, record.values())) <= {str, type(None)}
+
+
+def test_another_base_on_the_command_line_is_refused_when_resuming(trained, other_base, tmp_path):
+    # `cppo fit ... --model.policy.model_name_or_path OTHER --ckpt_path RUN/last.ckpt` (issue 22): the
+    # command line's base is the one loaded, so the base check sees it and refuses.
+    warm, run = trained
+    args = demo_args("grpo", other_base, tmp_path, 2, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    with pytest.raises(BaseMismatchError) as raised:
+        lightning_cli(args)
+    assert f"trained on '{warm}'" in str(raised.value) and f"the policy is '{other_base}'" in str(
+        raised.value
+    )
