@@ -33,6 +33,7 @@ from typing_extensions import override
 from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.engines import RolloutEngine, build_engine, sampler_logprob_mismatch
 from cppo_lightning.metrics import AverageAccuracy, RewardStatistics
+from cppo_lightning.models.grouped import enable_grouped_attention
 from cppo_lightning.models.loading import LoRAConfig, Policy, PolicyConfig, load_policy
 from cppo_lightning.objectives import CPPO, Objective, group_advantages
 from cppo_lightning.rewards import DEFAULT_REWARDS, resolve_reward_function
@@ -227,6 +228,12 @@ class CPPOModule(pl.LightningModule):
             )
         # What samples rollouts (model.rollout.engine); the module only calls generate() and sync().
         self.engine = build_engine(self.rollout_config, self.policy, synced_gpus=self._synced_generation)
+        if self.update_config.shared_prefix:
+            # Installed before the first forward, so every step (generation too) runs the same attention
+            # code: a resumed run then repeats the uninterrupted one bit for bit.
+            for model in (self.policy.model, self.policy.reference_model):
+                if model is not None:
+                    enable_grouped_attention(model)
 
     @override
     def setup(self, stage: str) -> None:

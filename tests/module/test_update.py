@@ -52,8 +52,9 @@ PLANS = {
     "one row per forward": UpdateConfig(micro_batch_rollouts=1),
     "two rows per forward": UpdateConfig(micro_batch_rollouts=2),
     "all rows in one forward": UpdateConfig(micro_batch_rollouts=None),
-    "a tight token budget": UpdateConfig(micro_batch_rollouts=None, max_tokens_per_forward=160),
-    "a loose token budget": UpdateConfig(micro_batch_rollouts=None, max_tokens_per_forward=700),
+    "a tight token budget": UpdateConfig(micro_batch_rollouts=None, max_tokens_per_forward=100),
+    # Grouped forwards count each prompt once per view: this budget holds about one group.
+    "a loose token budget": UpdateConfig(micro_batch_rollouts=None, max_tokens_per_forward=300),
 }
 
 
