@@ -47,10 +47,14 @@ def merge_adapter_folder(adapter: str | Path, output: str | Path, dtype: str = "
     return output
 
 
-def merge_adapter(policy: Policy, output: str | Path, dtype: str = "float32") -> Path:
-    """Merge a live policy's adapter into a fresh copy of its base and save it (training state untouched)."""
+def merge_adapter(policy: Policy, output: str | Path, dtype: str = "float32", state_dict=None) -> Path:
+    """Merge a live policy's adapter into a fresh copy of its base and save it (training state untouched).
+
+    Args:
+        state_dict: the policy's whole weights when they are sharded (gathered by the caller).
+    """
     with tempfile.TemporaryDirectory() as folder:
-        policy.model.save_pretrained(folder)
+        policy.model.save_pretrained(folder, state_dict=state_dict)
         policy.processor.save_pretrained(folder)
         with torch.no_grad():
             return merge_adapter_folder(folder, output, dtype=dtype)

@@ -47,6 +47,14 @@ from cppo_lightning.rollout import (
     reward_inputs,
     seeded,
 )
+from cppo_lightning.sharding import (
+    check_strategy,
+    clip_by_global_norm,
+    global_grad_norm,
+    is_model_parallel,
+    is_sharded,
+    shard_network,
+)
 from cppo_lightning.update import (
     MicroBatch,
     RolloutScorer,
@@ -272,6 +280,9 @@ class CPPOModule(pl.LightningModule):
         """Load the policy (idempotent; Lightning calls it before optimizers and checkpoint restore)."""
         if self.policy is not None:
             return
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is not None:  # before anything is loaded: a refused combination fails at once
+            check_strategy(strategy, self.policy_config.finetuning)
         device_map = None
         if self.policy_config.finetuning == "qlora" and self._trainer is not None:
             device = self.trainer.strategy.root_device
@@ -283,8 +294,19 @@ class CPPOModule(pl.LightningModule):
             self.policy = load_policy(
                 self.policy_config, reference=self.objective.needs_reference, device_map=device_map
             )
+        if strategy is not None and is_model_parallel(strategy):
+            self._shard(strategy)
         # What samples rollouts (model.rollout.engine); the module only calls generate() and sync().
         self.engine = build_engine(self.rollout_config, self.policy, synced_gpus=self._synced_generation)
+
+    def _shard(self, strategy) -> None:
+        """FSDP2 over the data-parallel mesh: the policy, and the frozen reference copy of full fine-tuning."""
+        mesh = self.device_mesh["data_parallel"]
+        device = strategy.root_device
+        mixed_precision = device.type == "cuda"  # bf16 compute, fp32 reduction; fp32 throughout on the CPU
+        for network in (self.policy.model, self.policy.reference_model):
+            if network is not None:
+                shard_network(network.to(device), mesh, mixed_precision)
 
     @override
     def setup(self, stage: str) -> None:
@@ -594,8 +616,7 @@ class CPPOModule(pl.LightningModule):
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         step, losses = self.accumulate_gradients(scorer, rows, record)
-        gradients = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
+        norm = global_grad_norm(self.policy.trainable_parameters(), self.device)  # over every shard
         # One sync per optimizer step: a non-finite loss or gradient norm skips the step.
         loss_finite = bool(torch.isfinite(torch.stack(losses)).all())
         finite = loss_finite and bool(torch.isfinite(norm))
@@ -607,7 +628,11 @@ class CPPOModule(pl.LightningModule):
             problem = "gradient norm" if loss_finite else "loss"
             log.warning("step %d: skipping an optimizer step (non-finite %s)", self.global_step, problem)
             return
-        if self.update_config.gradient_clip_val is not None:
+        if self.update_config.gradient_clip_val is not None and is_sharded(self.policy.model):
+            clip_by_global_norm(
+                self.policy.trainable_parameters(), self.update_config.gradient_clip_val, norm
+            )
+        elif self.update_config.gradient_clip_val is not None:
             self.clip_gradients(
                 optimizer,
                 gradient_clip_val=self.update_config.gradient_clip_val,
@@ -774,21 +799,34 @@ class CPPOModule(pl.LightningModule):
         if not self.policy.uses_adapters:
             raise ValueError("full fine-tuning has no adapter; use save_pretrained()")
         folder = Path(folder)
-        self.policy.model.save_pretrained(folder)
-        self.policy.processor.save_pretrained(folder)
+        state = self._gathered_weights()
+        if state is None or self.global_rank == 0:
+            self.policy.model.save_pretrained(folder, state_dict=state)
+            self.policy.processor.save_pretrained(folder)
         return folder
+
+    def _gathered_weights(self) -> dict[str, Tensor] | None:
+        """The whole weights of a sharded policy, on rank 0 (a collective: every rank calls it); None when
+        the policy is not sharded (then ``save_pretrained`` reads them itself)."""
+        from cppo_lightning.sharding import full_state_dict
+
+        return full_state_dict(self.policy.model) if is_sharded(self.policy.model) else None
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write a plain ``transformers`` checkpoint: LoRA merged into the base (or the full model).
 
-        Under QLoRA the base is reloaded unquantized so that the merged weights are exact.
+        Under QLoRA the base is reloaded unquantized so that the merged weights are exact. Under FSDP2 it
+        is a collective (call it on every rank): the shards are gathered and rank 0 writes.
         """
         from cppo_lightning.export import merge_adapter
 
         folder = Path(folder)
+        state = self._gathered_weights()
+        if state is not None and self.global_rank != 0:
+            return folder
         if self.policy.uses_adapters:
-            return merge_adapter(self.policy, folder)
-        self.policy.model.save_pretrained(folder)
+            return merge_adapter(self.policy, folder, state_dict=state)
+        self.policy.model.save_pretrained(folder, state_dict=state)
         self.policy.processor.save_pretrained(folder)
         return folder
 

@@ -32,6 +32,7 @@ from cppo_lightning.models.scoring import (
 )
 from cppo_lightning.objectives import BatchCounts, ObjectiveInputs, ViewRequest, ViewScores
 from cppo_lightning.rollout import Rollout
+from cppo_lightning.sharding import run_gathered
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +354,20 @@ class RolloutScorer:
         divergences: dict[str, int] | None = None,
     ) -> tuple[list[Tensor], list[Tensor | None], dict[str, Tensor]]:
         """One forward over the stacked parts; dense [n_part, T] log-probs and entropies per part.
+
+        Under FSDP2 the whole of it runs with the network's root unit gathered once (the output head's
+        weight among it, for every chunk of the head), see :func:`cppo_lightning.sharding.run_gathered`.
+        """
+        return run_gathered(model, self._score_parts, model, micro, parts, divergences)
+
+    def _score_parts(
+        self,
+        model: nn.Module,
+        micro: MicroBatch,
+        parts: list[_Part],
+        divergences: dict[str, int] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor | None], dict[str, Tensor]]:
+        """The body of :meth:`_forward`.
 
         ``divergences`` maps a part index to the part holding the original image, for which the
         exact full-vocabulary KL of the original's distribution to this part's is computed.
