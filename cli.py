@@ -158,10 +158,10 @@ def _version_number(folder: Path) -> int:
 
 def _batches_done(checkpoint: Path) -> int | None:
     """Training batches a checkpoint had completed (the logger step its run continues at)."""
-    import torch
+    from callbacks.checkpointing import load_metadata
 
     try:
-        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+        state = load_metadata(checkpoint)
         return int(state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"])
     except Exception:
         return None

@@ -749,7 +749,21 @@ class CPPOModule(pl.LightningModule):
     def _checkpointed_keys(self) -> set[str]:
         if self.policy.uses_adapters:
             return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
-        return {name for name in self.state_dict() if not name.startswith("policy.reference_model.")}
+        return {name for name in super().state_dict() if not name.startswith("policy.reference_model.")}
+
+    @override
+    def state_dict(self, *args, **kwargs):
+        """The module's state dict; under FSDP2 only what a checkpoint holds (see :meth:`on_save_checkpoint`).
+
+        Lightning's ``ModelParallelStrategy`` saves and loads with torch distributed checkpoint, which
+        loads exactly the keys this returns: the frozen base (LoRA) and the reference copy (full) are not
+        written, so they must not be asked for either.
+        """
+        state = super().state_dict(*args, **kwargs)
+        if self.policy is None or not is_sharded(self.policy.model) or args or kwargs:
+            return state
+        keep = self._checkpointed_keys()
+        return type(state)((key, value) for key, value in state.items() if key in keep)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -782,7 +796,10 @@ class CPPOModule(pl.LightningModule):
         # Before the key check: adapters of another base have exactly the keys this policy expects.
         check_base(checkpoint.get("cppo", {}).get("base"), self._current_base(), self.allow_base_mismatch)
         self.configure_model()
-        missing = sorted(self._checkpointed_keys() - set(checkpoint["state_dict"]))
+        # A sharded checkpoint's tensors were loaded by the strategy, which checked every key.
+        missing = sorted(
+            self._checkpointed_keys() - set(checkpoint.get("state_dict", self._checkpointed_keys()))
+        )
         if missing:
             raise KeyError(
                 f"checkpoint lacks {len(missing)} trained tensors of this policy (e.g. {missing[:3]}): it was "
