@@ -66,6 +66,17 @@ class CPPOLightningCLI(LightningCLI):
             # Before LightningCLI reads the checkpoint's hyperparameters: it must read the resolved file.
             self.resumption = resolve_checkpoint(self.config[subcommand], subcommand, resume)
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse Lightning's FSDP1 strategy before the trainer exists (with a GPU it would start and fail later)."""
+        from cppo_lightning.sharding import FSDP1_MESSAGE, is_fsdp1
+
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand is not None else self.config
+        strategy = config.get("trainer", {}).get("strategy")
+        name = strategy.get("class_path") if hasattr(strategy, "get") else strategy
+        if isinstance(name, str) and is_fsdp1(name):
+            sys.exit(f"cppo: {FSDP1_MESSAGE}")
+
     def before_fit(self) -> None:
         """Keep the resumed run's metrics file (Lightning's CSV writer deletes it in an existing folder)."""
         if self.resumption is not None and self.resumption.checkpoint is not None:
@@ -539,17 +550,32 @@ def _study(argv: list[str]) -> int:
 
 def _export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="cppo export", description="Merge a LoRA adapter folder into its base model."
+        prog="cppo export",
+        description=(
+            "Write a folder plain transformers loads: from a LoRA adapter folder (merged into its base), or "
+            "from a training checkpoint (a .ckpt file or a sharded FSDP2 checkpoint folder)."
+        ),
     )
-    parser.add_argument("adapter", help="adapter folder (written beside the checkpoints as 'adapter')")
-    parser.add_argument("output", help="folder for the merged model")
+    parser.add_argument(
+        "source", help="adapter folder (written beside the checkpoints as 'adapter'), or a checkpoint"
+    )
+    parser.add_argument("output", help="folder for the model")
     parser.add_argument(
         "--dtype", default="float32", help="dtype of the merged weights (float32, bfloat16, float16)"
     )
+    parser.add_argument(
+        "--adapter",
+        action="store_true",
+        help="from a LoRA checkpoint: write the PEFT adapter folder instead of the merged model",
+    )
     options = parser.parse_args(argv)
-    from cppo_lightning.export import merge_adapter_folder
+    from cppo_lightning.export import export_checkpoint, merge_adapter_folder
 
-    print(merge_adapter_folder(options.adapter, options.output, dtype=options.dtype))
+    source = Path(options.source)
+    if (source / "adapter_config.json").is_file():
+        print(merge_adapter_folder(source, options.output, dtype=options.dtype))
+    else:
+        print(export_checkpoint(source, options.output, adapter=options.adapter))
     return 0
 
 

@@ -58,3 +58,59 @@ def merge_adapter(policy: Policy, output: str | Path, dtype: str = "float32", st
         policy.processor.save_pretrained(folder)
         with torch.no_grad():
             return merge_adapter_folder(folder, output, dtype=dtype)
+
+
+def checkpoint_state_dict(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A training checkpoint's metadata and model tensors, in one process.
+
+    Reads a ``.ckpt`` file, or a sharded checkpoint folder (torch distributed checkpoint, as Lightning's
+    ``ModelParallelStrategy`` writes it under FSDP2): there only the model's tensors are read, whole (the
+    shards of every rank put together), not the optimizer's.
+
+    Returns:
+        ``(metadata, state_dict)``: the checkpoint without its tensors (hyperparameters, loops...) and the
+        module's tensors by name (``policy.model...``).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return checkpoint, checkpoint.pop("state_dict")
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    prefix = "state_dict."
+    state = {
+        key.removeprefix(prefix): torch.empty(item.size, dtype=item.properties.dtype)
+        for key, item in stored.items()
+        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+    }
+    load({"state_dict": state}, checkpoint_id=path, no_dist=True)
+    return metadata, state
+
+
+def export_checkpoint(path: str | Path, output: str | Path, adapter: bool = False) -> Path:
+    """Turn a training checkpoint (a file, or a sharded FSDP2 folder) into a folder ``transformers`` loads.
+
+    The policy is rebuilt from the checkpoint's hyperparameters (its base from where it was trained), the
+    trained tensors loaded into it, and it is written as a plain model folder: under LoRA the adapter is
+    merged into the base, unless ``adapter`` asks for the PEFT adapter folder instead.
+
+    Raises:
+        ValueError: ``adapter`` for a fully fine-tuned checkpoint; a checkpoint without hyperparameters.
+        KeyError: the checkpoint lacks tensors the policy trains.
+    """
+    from cppo_lightning.module import CPPOModule
+
+    metadata, state = checkpoint_state_dict(path)
+    hyperparameters = metadata.get("hyper_parameters")
+    if not hyperparameters:
+        raise ValueError(f"{path} records no hyperparameters: not a CPPOModule checkpoint")
+    module = CPPOModule(**hyperparameters)
+    module.configure_model()
+    module.on_load_checkpoint({**metadata, "state_dict": state})
+    module.load_state_dict(state, strict=False)
+    if adapter:
+        return module.save_adapter(output)
+    return module.save_pretrained(output)
