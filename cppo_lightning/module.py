@@ -827,7 +827,12 @@ class CPPOModule(pl.LightningModule):
         the policy is not sharded (then ``save_pretrained`` reads them itself)."""
         from cppo_lightning.sharding import full_state_dict
 
-        return full_state_dict(self.policy.model) if is_sharded(self.policy.model) else None
+        if not is_sharded(self.policy.model):
+            return None
+        # Under LoRA only the adapters: exports reload the frozen base from where it came from.
+        trained = {name for name, p in self.policy.model.named_parameters() if p.requires_grad}
+        select = (lambda name: name in trained) if self.policy.uses_adapters else None
+        return full_state_dict(self.policy.model, select=select)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write a plain ``transformers`` checkpoint: LoRA merged into the base (or the full model).

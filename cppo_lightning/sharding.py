@@ -22,6 +22,7 @@ Whatever reads whole parameters goes through here: the global gradient norm and 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -168,7 +169,10 @@ def run_gathered(network: nn.Module, function: Callable[..., Any], *args: Any, *
     root = sharded_root(network)
     if root is None:
         return function(*args, **kwargs)
-    return root(function, *args, **kwargs)
+    with warnings.catch_warnings():
+        # The scores are views of dense buffers; nothing modifies them in place (FSDP2 warns for any view).
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+        return root(function, *args, **kwargs)
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -213,7 +217,9 @@ def clip_by_global_norm(parameters: Iterable[nn.Parameter], max_norm: float, nor
 # ---------------------------------------------------------------------------------------------- full weights
 
 
-def full_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, Tensor]:
+def full_state_dict(
+    module: nn.Module, all_ranks: bool = False, select: Callable[[str], bool] | None = None
+) -> dict[str, Tensor]:
     """The whole (unsharded) state dict of ``module``, its names as ``module.state_dict()`` gives them.
 
     A collective: call it on every rank. Sharded tensors are gathered; plain ones are returned as they are.
@@ -222,14 +228,18 @@ def full_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, Ten
         module: a network, sharded or not.
         all_ranks: every rank gets the tensors (the vLLM sync: one sampler per rank); False: rank 0 gets
             them on the CPU, the other ranks an empty dict (export).
+        select: only the names it accepts (e.g. the LoRA adapters: the frozen base is never gathered).
     """
     from torch.distributed.tensor import DTensor
 
+    state = module.state_dict()
+    if select is not None:
+        state = {name: value for name, value in state.items() if select(name)}
     if not is_sharded(module):
-        return module.state_dict()
+        return state
     keep = all_ranks or torch.distributed.get_rank() == 0
     full = {}
-    for name, value in module.state_dict().items():  # one gathered tensor alive at a time
+    for name, value in state.items():  # one gathered tensor alive at a time
         if isinstance(value, DTensor):
             value = value.full_tensor()
         if keep:
