@@ -302,11 +302,13 @@ class CPPOModule(pl.LightningModule):
     def _shard(self, strategy) -> None:
         """FSDP2 over the data-parallel mesh: the policy, and the frozen reference copy of full fine-tuning."""
         mesh = self.device_mesh["data_parallel"]
-        device = strategy.root_device
-        mixed_precision = device.type == "cuda"  # bf16 compute, fp32 reduction; fp32 throughout on the CPU
+        # bf16 compute, fp32 reduction on GPUs; fp32 throughout on the CPU.
+        mixed_precision = strategy.root_device.type == "cuda"
         for network in (self.policy.model, self.policy.reference_model):
             if network is not None:
-                shard_network(network.to(device), mesh, mixed_precision)
+                # fully_shard moves each unit to the mesh's device as it shards it: one unit's whole
+                # parameters on the GPU at a time, never the whole network.
+                shard_network(network, mesh, mixed_precision)
 
     @override
     def setup(self, stage: str) -> None:
