@@ -1,7 +1,7 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) under Lightning's ``ModelParallelStrategy``.
 
 Lightning's ``ModelParallelStrategy`` does not wrap the model: :meth:`CPPOModule.configure_model` calls
-:func:`shard_policy`, which shards every decoder layer and every vision block (the architecture table
+:func:`shard_network` on the policy (and on the reference copy), which shards every decoder layer and every vision block (the architecture table
 names them) as its own unit, then the rest of the network (embeddings, final norm, output head, vision
 patch embedding and merger) as one root unit. The frozen reference copy of full fine-tuning is sharded
 the same way.
@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from cppo_lightning.architectures import architecture_of
 
-#: What a user of Lightning's FSDP1 strategy is told (checked in the CLI and in ``CPPOModule.setup``).
+#: What a user of Lightning's FSDP1 strategy is told (checked by the CLI before the trainer exists, and by
+#: ``CPPOModule.configure_model`` for Python users).
 FSDP1_MESSAGE = (
     "lightning.pytorch.strategies.FSDPStrategy (FSDP1) is not supported: with manual optimization it fails "
     "when several forwards run before one backward, which every RL update here does (reference, old policy, "
@@ -102,7 +103,8 @@ class ShardedRoot(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+    def forward(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)``; FSDP2's hooks around it gather and release the root's parameters."""
         return function(*args, **kwargs)
 
 
@@ -126,7 +128,8 @@ def shard_network(network: nn.Module, mesh: Any, mixed_precision: bool) -> Shard
     """``fully_shard`` each layer and vision block of ``network``, then the rest as one root unit.
 
     Args:
-        network: a transformers VLM (or its PEFT wrapper), parameters on the mesh's device.
+        network: a transformers VLM (or its PEFT wrapper); ``fully_shard`` moves each unit to the mesh's
+            device as it shards it.
         mesh: the data-parallel device mesh.
         mixed_precision: bf16 parameters in forward/backward, fp32 gradient reduction (GPUs); False: fp32.
 
