@@ -59,7 +59,7 @@ if [ "${FSDP2:-1}" = 1 ]; then
   out=${FSDP2_OUT:-runs/gpu_check_fsdp2}
   rm -rf "$out"
   lane_started=$(date +%s)
-  # Built once here: ranks building a tiny:/random: spec at the same time race on the cache folder.
+  # Built (or found in the cache) before the run: a full-depth random model takes minutes to build.
   model=$("$PYTHON" -c "import sys; from cppo_lightning.models.loading import resolve_model_path as r; print(r(sys.argv[1]))" \
     "${MODEL:-random:qwen2_5_vl-3b}" | tail -1)
   "$PYTHON" cli.py fit --config configs/demo/cppo.yaml \
