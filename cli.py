@@ -9,6 +9,7 @@
     cppo warmstart --config configs/demo/warmstart.yaml --output runs/demo/warmstart
     cppo plot runs/grpo runs/cppo --output compare.png
     cppo export runs/demo/.../checkpoints/adapter merged-model/
+    cppo export runs/.../checkpoints/last.ckpt model/   # a checkpoint (a sharded FSDP2 folder too)
     cppo tiny qwen2_5_vl demo models/tiny-demo
     cppo audit --config configs/demo/cppo.yaml    # do I+ preserve and I- remove what the task needs?
 
@@ -575,7 +576,7 @@ def _export(argv: list[str]) -> int:
     if (source / "adapter_config.json").is_file():
         print(merge_adapter_folder(source, options.output, dtype=options.dtype))
     else:
-        print(export_checkpoint(source, options.output, adapter=options.adapter))
+        print(export_checkpoint(source, options.output, adapter=options.adapter, dtype=options.dtype))
     return 0
 
 

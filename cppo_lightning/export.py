@@ -90,12 +90,15 @@ def checkpoint_state_dict(path: str | Path) -> tuple[dict, dict[str, torch.Tenso
     return metadata, state
 
 
-def export_checkpoint(path: str | Path, output: str | Path, adapter: bool = False) -> Path:
+def export_checkpoint(
+    path: str | Path, output: str | Path, adapter: bool = False, dtype: str = "float32"
+) -> Path:
     """Turn a training checkpoint (a file, or a sharded FSDP2 folder) into a folder ``transformers`` loads.
 
     The policy is rebuilt from the checkpoint's hyperparameters (its base from where it was trained), the
     trained tensors loaded into it, and it is written as a plain model folder: under LoRA the adapter is
-    merged into the base, unless ``adapter`` asks for the PEFT adapter folder instead.
+    merged into the base, unless ``adapter`` asks for the PEFT adapter folder instead. ``dtype`` is the
+    written weights' dtype (the merged or fully fine-tuned model; an adapter keeps its own).
 
     Raises:
         ValueError: ``adapter`` for a fully fine-tuned checkpoint; a checkpoint without hyperparameters.
@@ -113,4 +116,8 @@ def export_checkpoint(path: str | Path, output: str | Path, adapter: bool = Fals
     module.load_state_dict(state, strict=False)
     if adapter:
         return module.save_adapter(output)
-    return module.save_pretrained(output)
+    if module.policy.uses_adapters:
+        return merge_adapter(module.policy, output, dtype=dtype)
+    module.policy.model.to(torch_dtype(dtype)).save_pretrained(output)
+    module.policy.processor.save_pretrained(output)
+    return Path(output)

@@ -17,7 +17,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from callbacks.checkpointing import latest_checkpoint
 from cli import lightning_cli
-from cppo_lightning.export import checkpoint_state_dict, export_checkpoint
+from cli import main as cppo_main
+from cppo_lightning.export import checkpoint_state_dict
 from cppo_lightning.module import CPPOModule
 from cppo_lightning.sharding import check_strategy, shard_units
 from helpers import ROOT, VARIED_REWARD, demo_args, encode
@@ -99,7 +100,7 @@ def check_export(save_dir, reference_dir, output):
     generating the greedy tokens of the module trained by the reference run."""
     from transformers import AutoModelForImageTextToText
 
-    export_checkpoint(run_folder(save_dir) / "checkpoints" / "last.ckpt", output)
+    assert cppo_main(["export", str(run_folder(save_dir) / "checkpoints" / "last.ckpt"), str(output)]) == 0
     exported = AutoModelForImageTextToText.from_pretrained(output).eval()
     module = trained_module(reference_dir)
     processor = module.policy.processor
