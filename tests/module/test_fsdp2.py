@@ -160,7 +160,10 @@ def test_full_finetuning_under_fsdp2_equals_ddp_and_exports(tiny_qwen, tmp_path)
 
     sharded, ddp = tmp_path / "fsdp2", tmp_path / "ddp"
     sharded.mkdir(), ddp.mkdir()
-    for save_dir, strategy in ((sharded, FSDP2), (ddp, DDP)):
+    # The FSDP2 run with gradient checkpointing, as the release recipes: recomputing each layer in backward
+    # gathers its shards again, and must not change a thing.
+    checkpointing = ["--model.policy.gradient_checkpointing", "true"]
+    for save_dir, strategy in ((sharded, FSDP2 + checkpointing), (ddp, DDP)):
         result = cppo_fit(tiny_qwen, save_dir, strategy, "--model.policy.finetuning", "full")
         assert result.returncode == 0, result.stderr[-4000:]
 
