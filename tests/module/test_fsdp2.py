@@ -8,6 +8,7 @@ the same prompts and seed its sampling by rank, so they see the same rollouts).
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -41,7 +42,8 @@ CALLBACKS = [
 SIGTERM_IN_STEP_0 = [{"class_path": "helpers.SignalAtStep", "init_args": {"step": 0, "signum": 15}}]
 
 
-def cppo_fit(model, save_dir, strategy, *extra, callbacks=CALLBACKS):
+def start_fit(model, save_dir, strategy, *extra, callbacks=CALLBACKS):
+    """Start a two-process `cppo fit` (its output goes to files in ``save_dir``); :func:`finish` waits for it."""
     args = demo_args(
         "cppo",
         model,
@@ -57,12 +59,38 @@ def cppo_fit(model, save_dir, strategy, *extra, callbacks=CALLBACKS):
         *VARIED_REWARD,
         *extra,
     )
-    # One thread per process: the two ranks share the two cores.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
-    executable = os.path.join(os.path.dirname(sys.executable), "cppo")
-    return subprocess.run(
-        [executable, *args], capture_output=True, text=True, timeout=600, cwd=save_dir, env=env
+    with socket.socket() as probe:  # a port of its own: two launches may run at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # One thread per process: the ranks share the two cores.
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        OMP_NUM_THREADS="1",
+        MASTER_PORT=str(port),
     )
+    executable = os.path.join(os.path.dirname(sys.executable), "cppo")
+    name = f"launch-{len(list(save_dir.glob('launch-*.out')))}"
+    stdout, stderr = open(save_dir / f"{name}.out", "w"), open(save_dir / f"{name}.err", "w")
+    process = subprocess.Popen(
+        [executable, *args], stdout=stdout, stderr=stderr, text=True, cwd=save_dir, env=env
+    )
+    process.outputs = (stdout, stderr)
+    return process
+
+
+def finish(process):
+    """Wait for a launch; returns ``(returncode, stdout, stderr)``."""
+    returncode = process.wait(timeout=600)
+    texts = []
+    for handle in process.outputs:
+        handle.close()
+        texts.append(open(handle.name).read())
+    return returncode, *texts
+
+
+def cppo_fit(model, save_dir, strategy, *extra, callbacks=CALLBACKS):
+    return finish(start_fit(model, save_dir, strategy, *extra, callbacks=callbacks))
 
 
 def run_folder(save_dir):
@@ -113,8 +141,10 @@ def test_lora_under_fsdp2_resumes_after_sigterm_to_the_ddp_run_bit_for_bit(tiny_
     sharded, ddp = tmp_path / "fsdp2", tmp_path / "ddp"
     sharded.mkdir(), ddp.mkdir()
 
-    stopped = cppo_fit(tiny_qwen, sharded, FSDP2, callbacks=CALLBACKS + SIGTERM_IN_STEP_0)
-    assert stopped.returncode == 143, stopped.stderr[-4000:]  # 128 + SIGTERM
+    # The DDP run (the reference) alongside the interrupted FSDP2 run.
+    reference = start_fit(tiny_qwen, ddp, DDP)
+    returncode, _, stderr = cppo_fit(tiny_qwen, sharded, FSDP2, callbacks=CALLBACKS + SIGTERM_IN_STEP_0)
+    assert returncode == 143, stderr[-4000:]  # 128 + SIGTERM
     checkpoint = run_folder(sharded) / "checkpoints" / "last.ckpt"
     # A sharded checkpoint: one shard per rank, the index and Lightning's metadata; found to resume at step 1.
     assert sorted(p.name for p in checkpoint.iterdir()) == [
@@ -125,11 +155,11 @@ def test_lora_under_fsdp2_resumes_after_sigterm_to_the_ddp_run_bit_for_bit(tiny_
     ]
     assert latest_checkpoint(checkpoint.parent).checkpoint.step == 1
 
-    resumed = cppo_fit(tiny_qwen, sharded, FSDP2, "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "from last.ckpt (global step 1)" in resumed.stdout
-    uninterrupted = cppo_fit(tiny_qwen, ddp, DDP)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-4000:]
+    returncode, stdout, stderr = cppo_fit(tiny_qwen, sharded, FSDP2, "--ckpt_path", "last")
+    assert returncode == 0, stderr[-4000:]
+    assert "from last.ckpt (global step 1)" in stdout
+    returncode, _, stderr = finish(reference)
+    assert returncode == 0, stderr[-4000:]
 
     # On two ranks every gradient reduction is one addition, and the gradient norms stay under the clip
     # threshold, so FSDP2 and DDP compute the same bits: the interrupted, resumed FSDP2 run ends with
@@ -163,9 +193,13 @@ def test_full_finetuning_under_fsdp2_equals_ddp_and_exports(tiny_qwen, tmp_path)
     # The FSDP2 run with gradient checkpointing, as the release recipes: recomputing each layer in backward
     # gathers its shards again, and must not change a thing.
     checkpointing = ["--model.policy.gradient_checkpointing", "true"]
-    for save_dir, strategy in ((sharded, FSDP2 + checkpointing), (ddp, DDP)):
-        result = cppo_fit(tiny_qwen, save_dir, strategy, "--model.policy.finetuning", "full")
-        assert result.returncode == 0, result.stderr[-4000:]
+    launches = [
+        start_fit(tiny_qwen, save_dir, strategy, "--model.policy.finetuning", "full")
+        for save_dir, strategy in ((sharded, FSDP2 + checkpointing), (ddp, DDP))
+    ]
+    for launch in launches:
+        returncode, _, stderr = finish(launch)
+        assert returncode == 0, stderr[-4000:]
 
     # Every parameter (the reference copy, sharded too, is not checkpointed), to 1e-5 of the update.
     final, expected = final_state(sharded), final_state(ddp)
