@@ -9,6 +9,7 @@
     cppo warmstart --config configs/demo/warmstart.yaml --output runs/demo/warmstart
     cppo plot runs/grpo runs/cppo --output compare.png
     cppo export runs/demo/.../checkpoints/adapter merged-model/   # or .../checkpoints/last.ckpt (any mode)
+    cppo export runs/.../checkpoints/last.ckpt model/   # a sharded FSDP2 checkpoint folder too
     cppo tiny qwen2_5_vl demo models/tiny-demo
     cppo audit --config configs/demo/cppo.yaml    # do I+ preserve and I- remove what the task needs?
     cppo predict --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt --output answers/
@@ -139,6 +140,17 @@ class CPPOLightningCLI(LightningCLI):
             )
 
     run_lock = None
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse Lightning's FSDP1 strategy before the trainer exists (with a GPU it would start and fail later)."""
+        from cppo_lightning.sharding import FSDP1_MESSAGE, is_fsdp1
+
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand is not None else self.config
+        strategy = config.get("trainer", {}).get("strategy")
+        name = strategy.get("class_path") if hasattr(strategy, "get") else strategy
+        if isinstance(name, str) and is_fsdp1(name):
+            sys.exit(f"cppo: {FSDP1_MESSAGE}")
 
     def before_fit(self) -> None:
         """Lock the run folder (one writer), then keep a resumed run's metrics file (Lightning's CSV writer
@@ -273,10 +285,10 @@ def _version_number(folder: Path) -> int:
 
 def _batches_done(checkpoint: Path) -> int | None:
     """Training batches a checkpoint had completed (the logger step its run continues at)."""
-    import torch
+    from callbacks.checkpointing import load_metadata
 
     try:
-        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+        state = load_metadata(checkpoint)
         return int(state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"])
     except Exception:
         return None
@@ -656,11 +668,12 @@ def _export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="cppo export",
         description="Write a trained policy as a plain transformers folder (AutoModelForImageTextToText and "
-        "AutoProcessor load it): a LoRA/QLoRA adapter merged into its base, or a full fine-tune as it is.",
+        "AutoProcessor load it): a LoRA/QLoRA adapter merged into its base, or a full fine-tune as it is, from an "
+        "adapter folder, a run folder or a training checkpoint (a .ckpt file or a sharded FSDP2 folder).",
     )
     parser.add_argument(
         "source",
-        help="an adapter folder (checkpoints/adapter), a checkpoint file (checkpoints/last.ckpt, any "
+        help="an adapter folder (checkpoints/adapter), a checkpoint (checkpoints/last.ckpt, a file or a sharded FSDP2 folder, any "
         "fine-tuning mode) or a run folder (its checkpoints/last.ckpt)",
     )
     parser.add_argument("output", help="folder for the exported model (new or empty)")
@@ -670,11 +683,24 @@ def _export(argv: list[str]) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="write into a folder that already holds files"
     )
+    parser.add_argument(
+        "--adapter",
+        action="store_true",
+        help="from a LoRA checkpoint: write the PEFT adapter folder instead of the merged model",
+    )
     options = parser.parse_args(argv)
     from cppo_lightning.export import ExportError, export
 
     try:
-        print(export(options.source, options.output, dtype=options.dtype, overwrite=options.overwrite))
+        print(
+            export(
+                options.source,
+                options.output,
+                dtype=options.dtype,
+                overwrite=options.overwrite,
+                adapter=options.adapter,
+            )
+        )
     except (ExportError, FileNotFoundError) as error:
         parser.error(str(error))
     return 0

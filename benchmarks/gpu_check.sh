@@ -8,6 +8,13 @@
 #
 #   bash benchmarks/gpu_check.sh
 #
+# Then the FSDP2 lane: full fine-tuning of the same 3B (random weights, full depth) with CPPO under
+# ModelParallelStrategy on every GPU of the machine (GPUS=N to choose; 1 GPU runs FSDP2 with one shard),
+# bf16 compute, sharded fp32 master weights and AdamW, the synthetic task, FSDP2_STEPS RL steps; prints the
+# peak memory per GPU (max over ranks) and the step times from the run's metrics.csv, and the size of the
+# sharded checkpoint. FSDP2=0 skips it; FSDP2_ONLY=1 runs only it (on a CPU: ACCELERATOR=cpu GPUS=2 with a
+# small MODEL such as tiny:qwen2_5_vl-smoke).
+#
 # Every size is an environment variable, so the same script runs reduced (depth, steps, lengths), e.g. on a
 # CPU: TEXT_LAYERS=1 VISION_LAYERS=1 PROMPTS=1 NEW_TOKENS=4 VISUAL_TOKENS=16 NUM_WORKERS=0 bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -35,5 +42,39 @@ if command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 started=$(date +%s)
-"$PYTHON" benchmarks/real_scale.py "${args[@]}"
-echo "gpu_check: $(( $(date +%s) - started )) s wall time ($(date -u +%Y-%m-%d))"
+if [ "${FSDP2_ONLY:-0}" != 1 ]; then
+  "$PYTHON" benchmarks/real_scale.py "${args[@]}"
+  echo "gpu_check: $(( $(date +%s) - started )) s wall time ($(date -u +%Y-%m-%d))"
+fi
+
+if [ "${FSDP2:-1}" = 1 ]; then
+  accelerator=${ACCELERATOR:-gpu}
+  gpus=${GPUS:-$(nvidia-smi -L 2> /dev/null | wc -l)}
+  if [ "$gpus" -lt 1 ]; then
+    echo "gpu_check FSDP2 lane: no GPU found (ACCELERATOR=cpu GPUS=2 runs it on the CPU)"
+    exit 0
+  fi
+  precision=bf16-mixed
+  if [ "$accelerator" = cpu ]; then precision=32-true; fi
+  out=${FSDP2_OUT:-runs/gpu_check_fsdp2}
+  rm -rf "$out"
+  lane_started=$(date +%s)
+  # Built (or found in the cache) before the run: a full-depth random model takes minutes to build.
+  model=$("$PYTHON" -c "import sys; from cppo_lightning.models.loading import resolve_model_path as r; print(r(sys.argv[1]))" \
+    "${MODEL:-random:qwen2_5_vl-3b}" | tail -1)
+  "$PYTHON" cli.py fit --config configs/demo/cppo.yaml \
+    --model.policy.model_name_or_path "$model" \
+    --model.policy.finetuning full --model.policy.dtype float32 --model.policy.gradient_checkpointing true \
+    --model.optimizer.init_args.lr 1.0e-6 \
+    --trainer.accelerator "$accelerator" --trainer.devices "$gpus" --trainer.precision "$precision" \
+    --trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy \
+    --trainer.strategy.data_parallel_size "$gpus" --trainer.strategy.tensor_parallel_size 1 \
+    --trainer.max_steps "${FSDP2_STEPS:-3}" --trainer.limit_val_batches 0 --trainer.enable_progress_bar false \
+    --trainer.logger.init_args.save_dir "$out" \
+    --data.init_args.batch_size "${PROMPTS:-16}" --data.init_args.num_workers "${NUM_WORKERS:-2}" \
+    --data.init_args.train_size $(( ${PROMPTS:-16} * gpus * ${FSDP2_STEPS:-3} )) \
+    --model.rollout.samples_per_prompt "${GROUP:-5}" --model.rollout.max_new_tokens "${NEW_TOKENS:-1024}" \
+    --model.update.micro_batch_rollouts 4
+  "$PYTHON" benchmarks/gpu_check_report.py "$out"
+  echo "gpu_check FSDP2 lane: $(( $(date +%s) - lane_started )) s wall time on $gpus device(s)"
+fi

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 #: Temporary files are hidden (``.last.ckpt.tmp-<pid>``) so that neither Lightning's ``last*.ckpt`` lookup
 #: nor :func:`latest_checkpoint` ever mistakes one for a checkpoint.
 _TEMPORARY_MARK = ".tmp-"
+#: Lightning's file of everything but the shards in a sharded checkpoint folder.
+SHARDED_METADATA = "meta.pt"
 
 
 def temporary_path(target: str | Path) -> Path:
@@ -58,7 +60,11 @@ def commit(temporary: str | Path, target: str | Path) -> None:
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, target)
-    else:  # a sharded checkpoint (a folder, e.g. DeepSpeed): the old one goes only once the new one is in
+    else:  # a sharded checkpoint (a folder: FSDP2, DeepSpeed): the old one goes only once the new one is in
+        for path in sorted(temporary.rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
         retired = target.with_name(f".{target.name}.old-{os.getpid()}")
         if target.exists():
             os.replace(target, retired)
@@ -161,7 +167,12 @@ def checkpoint_problem(path: str | Path, verify_data: bool = False) -> str | Non
     """
     path = Path(path)
     if path.is_dir():
-        return None  # a sharded checkpoint folder: its format is the strategy's, not checked here
+        # A sharded checkpoint (torch distributed checkpoint, as Lightning's ModelParallelStrategy writes it):
+        # the shards' index (.metadata) and Lightning's meta.pt are written after every shard.
+        absent = [name for name in (".metadata", SHARDED_METADATA) if not (path / name).is_file()]
+        if absent:
+            return f"incomplete sharded checkpoint (no {', '.join(absent)})"
+        return checkpoint_problem(path / SHARDED_METADATA)
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -183,10 +194,19 @@ def checkpoint_problem(path: str | Path, verify_data: bool = False) -> str | Non
 def checkpoint_step(path: str | Path) -> tuple[int | None, int | None]:
     """``(global_step, epoch)`` recorded in a checkpoint (memory-mapped: tensors are not read)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        checkpoint = load_metadata(path)
     except Exception:  # a checkpoint with pickled classes: still usable, its step unknown here
         return None, None
     return checkpoint.get("global_step"), checkpoint.get("epoch")
+
+
+def load_metadata(path: str | Path) -> dict:
+    """A checkpoint's contents without reading tensors: the file (memory-mapped), or a sharded checkpoint's
+    ``meta.pt`` (everything but the model and optimizer shards)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SHARDED_METADATA
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
 @dataclass

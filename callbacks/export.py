@@ -48,10 +48,16 @@ class AdapterExport(pl.Callback):
         self._after_write = any(isinstance(callback, AtomicCheckpoint) for callback in trainer.callbacks)
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        from cppo_lightning.sharding import is_sharded
+
         policy = getattr(pl_module, "policy", None)
         if policy is None or not (policy.uses_adapters or self.full_model):
+            return
+        if not trainer.is_global_zero:
+            if is_sharded(policy.model):  # gathering the shards is a collective: every rank takes part
+                pl_module.save_adapter("unused") if policy.uses_adapters else pl_module.save_pretrained(
+                    "unused"
+                )
             return
         folder = self.folder(trainer)
         staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -60,10 +66,7 @@ class AdapterExport(pl.Callback):
             if policy.uses_adapters:
                 pl_module.save_adapter(staging)
             else:
-                from cppo_lightning.export import save_processor
-
-                policy.model.save_pretrained(staging)
-                save_processor(policy.processor, staging, policy.config.model_name_or_path)
+                pl_module.save_pretrained(staging)
             # Two renames: the old folder stays complete until the new one is.
             retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             if folder.exists():

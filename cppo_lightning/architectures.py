@@ -75,7 +75,8 @@ class Architecture:
         lora_projections: linear layers of the language model that LoRA adapts by default.
         vision_tower: attribute of the vision encoder under ``model`` (``visual``, ``vision_tower``,
             ``vision_model``).
-        vision_blocks: regex of the module path of the vision encoder's blocks (``include_vision_tower``).
+        vision_blocks: regex of the module path of the vision encoder's blocks (``include_vision_tower``;
+            under FSDP2 each block ``<vision_blocks>.<i>`` is a unit of its own).
         projector: regex of the module path of the vision-language projector (``include_projector``);
             None when the projector has no linear layer LoRA could adapt (Gemma 3's is a bare weight).
         unquantized: module paths kept in full precision under QLoRA (vision side and output head).
@@ -93,6 +94,8 @@ class Architecture:
             ``engines/vllm.py`` collapses each run of image tokens to the one placeholder vLLM expands).
         checkpoints: hub ids of released checkpoints (README and messages; never downloaded here).
         notes: what a user should know (README table).
+        decoder_layers: attribute of the decoder layer list under the language model: under FSDP2 each
+            ``<language_model>.<decoder_layers>.<i>`` is a unit of its own (``cppo_lightning/sharding.py``).
     """
 
     model_type: str
@@ -118,6 +121,7 @@ class Architecture:
     #: Why the update cannot compute a prompt once for its group (None: it can; see
     #: ``models/grouped.py``); such a family is scored one row per rollout.
     shared_prefix_refusal: str | None = None
+    decoder_layers: str = "layers"
     #: Set for the fallback entry of a model type missing from the table.
     generic: bool = field(default=False, compare=False)
 

@@ -189,63 +189,122 @@ def merge_adapter_folder(
     return output
 
 
-def merge_adapter(policy: Policy, output: str | Path, dtype: str = "float32", overwrite: bool = True) -> Path:
-    """Merge a live policy's adapter into a fresh copy of its base and save it (training state untouched)."""
+def merge_adapter(
+    policy: Policy, output: str | Path, dtype: str = "float32", overwrite: bool = True, state_dict=None
+) -> Path:
+    """Merge a live policy's adapter into a fresh copy of its base and save it (training state untouched).
+
+    Args:
+        state_dict: the policy's whole weights when they are sharded (gathered by the caller).
+    """
     with tempfile.TemporaryDirectory() as folder:
-        policy.model.save_pretrained(folder)
+        policy.model.save_pretrained(folder, state_dict=state_dict)
         policy.processor.save_pretrained(folder)
         with torch.no_grad():
             return merge_adapter_folder(folder, output, dtype=dtype, overwrite=overwrite)
 
 
-def export(source: str | Path, output: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """``cppo export``: an adapter folder, a run's checkpoint file, or a run folder (its ``last.ckpt``).
+def export(
+    source: str | Path,
+    output: str | Path,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    adapter: bool = False,
+) -> Path:
+    """``cppo export``: an adapter folder, a run's checkpoint (a file, or a sharded FSDP2 folder), or a run
+    folder (its ``last.ckpt``).
 
     Raises:
         FileNotFoundError: ``source`` is none of those.
         ExportError: see :func:`check_output`.
     """
     source = Path(source)
-    if source.is_file():
-        return export_checkpoint(source, output, dtype, overwrite)
+    if source.is_file() or (source / "meta.pt").is_file():
+        return export_checkpoint(source, output, dtype, overwrite, adapter)
     if (source / "adapter_config.json").is_file():
         return merge_adapter_folder(source, output, dtype, overwrite)
     for candidate in (source / "last.ckpt", source / "checkpoints" / "last.ckpt"):
-        if candidate.is_file():
-            return export_checkpoint(candidate, output, dtype, overwrite)
+        if candidate.exists():
+            return export_checkpoint(candidate, output, dtype, overwrite, adapter)
     raise FileNotFoundError(
-        f"{source} is not an adapter folder (adapter_config.json), a checkpoint file, or a run folder with "
-        "checkpoints/last.ckpt: nothing to export"
+        f"{source} is not an adapter folder (adapter_config.json), a checkpoint (file or sharded folder), or "
+        "a run folder with checkpoints/last.ckpt: nothing to export"
     )
 
 
-def export_checkpoint(
-    checkpoint: str | Path, output: str | Path, dtype: str = "float32", overwrite: bool = False
-) -> Path:
-    """Export a Lightning checkpoint of a run (LoRA, QLoRA or full fine-tuning) as a plain folder.
+def checkpoint_state_dict(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A training checkpoint's metadata and model tensors, in one process.
 
-    The policy is rebuilt from the checkpoint's own hyperparameters on the base it records (the base check
-    applies), its trained weights loaded, and then saved as :meth:`CPPOModule.save_pretrained` saves: LoRA
-    merged into the unquantized base, a full fine-tune as it is.
+    Reads a ``.ckpt`` file, or a sharded checkpoint folder (torch distributed checkpoint, as Lightning's
+    ``ModelParallelStrategy`` writes it under FSDP2): there only the model's tensors are read, whole (the
+    shards of every rank put together), not the optimizer's.
+
+    Returns:
+        ``(metadata, state_dict)``: the checkpoint without its tensors (hyperparameters, loops...) and the
+        module's tensors by name (``policy.model...``).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return checkpoint, checkpoint.pop("state_dict")
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    prefix = "state_dict."
+    state = {
+        key.removeprefix(prefix): torch.empty(item.size, dtype=item.properties.dtype)
+        for key, item in stored.items()
+        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+    }
+    load({"state_dict": state}, checkpoint_id=path, no_dist=True)
+    return metadata, state
+
+
+def export_checkpoint(
+    path: str | Path,
+    output: str | Path,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    adapter: bool = False,
+) -> Path:
+    """Turn a training checkpoint (a file, or a sharded FSDP2 folder) into a folder ``transformers`` loads.
+
+    The policy is rebuilt from the checkpoint's hyperparameters on the base it records (the base check
+    applies), the trained tensors loaded into it, and it is written as a plain model folder: under LoRA the
+    adapter merged into the unquantized base, unless ``adapter`` asks for the PEFT adapter folder instead; a
+    full fine-tune as it is. ``dtype`` is the written weights' dtype (an adapter keeps its own).
 
     Raises:
+        ValueError: ``adapter`` for a fully fine-tuned checkpoint; a checkpoint without hyperparameters.
+        KeyError: the checkpoint lacks tensors the policy trains.
         ExportError: ``output`` is the checkpoint, its base, or a folder that is not empty.
     """
     from cppo_lightning.module import CPPOModule
 
-    checkpoint, output = Path(checkpoint), Path(output)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    base = (state.get("cppo") or {}).get("model_name_or_path") or state["hyper_parameters"]["policy"][
+    path, output = Path(path), Path(output)
+    metadata, state = checkpoint_state_dict(path)
+    hyperparameters = dict(metadata.get("hyper_parameters") or {})
+    if not hyperparameters:
+        raise ValueError(f"{path} records no hyperparameters: not a CPPOModule checkpoint")
+    base = (metadata.get("cppo") or {}).get("model_name_or_path") or hyperparameters["policy"][
         "model_name_or_path"
     ]
-    check_output(output, [checkpoint, resolve_model_path(base)], overwrite)
-    del state
+    check_output(output, [path, resolve_model_path(base)], overwrite)
     # No reference policy: only the trained weights are exported.
-    no_reference = {"class_path": "cppo_lightning.objectives.GRPO", "init_args": {"beta": 0.0}}
-    module = CPPOModule.load_from_checkpoint(checkpoint, map_location="cpu", objective=no_reference)
-    policy = module.policy
-    if policy.uses_adapters:
-        return merge_adapter(policy, output, dtype=dtype, overwrite=True)
-    policy.model.to(torch_dtype(dtype)).save_pretrained(output)
-    save_processor(policy.processor, output, base)
+    hyperparameters["objective"] = {
+        "class_path": "cppo_lightning.objectives.GRPO",
+        "init_args": {"beta": 0.0},
+    }
+    module = CPPOModule(**hyperparameters)
+    module.configure_model()
+    module.on_load_checkpoint({**metadata, "state_dict": state})
+    module.load_state_dict(state, strict=False)
+    if adapter:
+        return module.save_adapter(output)
+    if module.policy.uses_adapters:
+        return merge_adapter(module.policy, output, dtype=dtype, overwrite=True)
+    module.policy.model.to(torch_dtype(dtype)).save_pretrained(output)
+    save_processor(module.policy.processor, output, base)
     return output

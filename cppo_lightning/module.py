@@ -48,6 +48,12 @@ from cppo_lightning.rollout import (
     reward_inputs,
     seeded,
 )
+from cppo_lightning.sharding import (
+    check_strategy,
+    is_model_parallel,
+    is_sharded,
+    shard_network,
+)
 from cppo_lightning.update import Collective, PolicyUpdate, StepStatistics, UpdateConfig
 
 log = logging.getLogger(__name__)
@@ -215,6 +221,9 @@ class CPPOModule(pl.LightningModule):
         """Load the policy (idempotent; Lightning calls it before optimizers and checkpoint restore)."""
         if self.policy is not None:
             return
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is not None:  # before anything is loaded: a refused combination fails at once
+            check_strategy(strategy, self.policy_config.finetuning)
         device_map = None
         if self.policy_config.finetuning == "qlora" and self._trainer is not None:
             device = self.trainer.strategy.root_device
@@ -226,6 +235,8 @@ class CPPOModule(pl.LightningModule):
             self.policy = load_policy(
                 self.policy_config, reference=self.objective.needs_reference, device_map=device_map
             )
+        if strategy is not None and is_model_parallel(strategy):
+            self._shard(strategy)
         # What samples rollouts (model.rollout.engine); the module only calls generate() and sync().
         self.engine = build_engine(self.rollout_config, self.policy, synced_gpus=self._synced_generation)
         if self.update_config.shared_prefix:
@@ -234,6 +245,17 @@ class CPPOModule(pl.LightningModule):
             for model in (self.policy.model, self.policy.reference_model):
                 if model is not None:
                     enable_grouped_attention(model)
+
+    def _shard(self, strategy) -> None:
+        """FSDP2 over the data-parallel mesh: the policy, and the frozen reference copy of full fine-tuning."""
+        mesh = self.device_mesh["data_parallel"]
+        # bf16 compute, fp32 reduction on GPUs; fp32 throughout on the CPU.
+        mixed_precision = strategy.root_device.type == "cuda"
+        for network in (self.policy.model, self.policy.reference_model):
+            if network is not None:
+                # fully_shard moves each unit to the mesh's device as it shards it: one unit's whole
+                # parameters on the GPU at a time, never the whole network.
+                shard_network(network, mesh, mixed_precision)
 
     @override
     def setup(self, stage: str) -> None:
@@ -530,7 +552,21 @@ class CPPOModule(pl.LightningModule):
     def _checkpointed_keys(self) -> set[str]:
         if self.policy.uses_adapters:
             return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
-        return {name for name in self.state_dict() if not name.startswith("policy.reference_model.")}
+        return {name for name in super().state_dict() if not name.startswith("policy.reference_model.")}
+
+    @override
+    def state_dict(self, *args, **kwargs):
+        """The module's state dict; under FSDP2 only what a checkpoint holds (see :meth:`on_save_checkpoint`).
+
+        Lightning's ``ModelParallelStrategy`` saves and loads with torch distributed checkpoint, which
+        loads exactly the keys this returns: the frozen base (LoRA) and the reference copy (full) are not
+        written, so they must not be asked for either.
+        """
+        state = super().state_dict(*args, **kwargs)
+        if self.policy is None or not is_sharded(self.policy.model) or args or kwargs:
+            return state
+        keep = self._checkpointed_keys()
+        return type(state)((key, value) for key, value in state.items() if key in keep)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -563,7 +599,10 @@ class CPPOModule(pl.LightningModule):
         # Before the key check: adapters of another base have exactly the keys this policy expects.
         check_base(checkpoint.get("cppo", {}).get("base"), self._current_base(), self.allow_base_mismatch)
         self.configure_model()
-        missing = sorted(self._checkpointed_keys() - set(checkpoint["state_dict"]))
+        # A sharded checkpoint's tensors were loaded by the strategy, which checked every key.
+        missing = sorted(
+            self._checkpointed_keys() - set(checkpoint.get("state_dict", self._checkpointed_keys()))
+        )
         if missing:
             raise KeyError(
                 f"checkpoint lacks {len(missing)} trained tensors of this policy (e.g. {missing[:3]}): it was "
@@ -582,21 +621,39 @@ class CPPOModule(pl.LightningModule):
         from cppo_lightning.export import save_processor
 
         folder = Path(folder)
-        self.policy.model.save_pretrained(folder)
-        save_processor(self.policy.processor, folder, self.policy_config.model_name_or_path)
+        state = self._gathered_weights()
+        if state is None or self.global_rank == 0:
+            self.policy.model.save_pretrained(folder, state_dict=state)
+            save_processor(self.policy.processor, folder, self.policy_config.model_name_or_path)
         return folder
+
+    def _gathered_weights(self) -> dict[str, Tensor] | None:
+        """The whole weights of a sharded policy, on rank 0 (a collective: every rank calls it); None when
+        the policy is not sharded (then ``save_pretrained`` reads them itself)."""
+        from cppo_lightning.sharding import full_state_dict
+
+        if not is_sharded(self.policy.model):
+            return None
+        # Under LoRA only the adapters: exports reload the frozen base from where it came from.
+        trained = {name for name, p in self.policy.model.named_parameters() if p.requires_grad}
+        select = (lambda name: name in trained) if self.policy.uses_adapters else None
+        return full_state_dict(self.policy.model, select=select)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write a plain ``transformers`` checkpoint: LoRA merged into the base (or the full model).
 
-        Under QLoRA the base is reloaded unquantized so that the merged weights are exact.
+        Under QLoRA the base is reloaded unquantized so that the merged weights are exact. Under FSDP2 it
+        is a collective (call it on every rank): the shards are gathered and rank 0 writes.
         """
         from cppo_lightning.export import merge_adapter, save_processor
 
         folder = Path(folder)
+        state = self._gathered_weights()
+        if state is not None and self.global_rank != 0:
+            return folder
         if self.policy.uses_adapters:
-            return merge_adapter(self.policy, folder)
-        self.policy.model.save_pretrained(folder)
+            return merge_adapter(self.policy, folder, state_dict=state)
+        self.policy.model.save_pretrained(folder, state_dict=state)
         save_processor(self.policy.processor, folder, self.policy_config.model_name_or_path)
         return folder
 

@@ -40,6 +40,7 @@ from cppo_lightning.models.scoring import (
 from cppo_lightning.models.vision_cache import VisionCache, merge_encoder_outputs, without_pixels
 from cppo_lightning.objectives import BatchCounts, ObjectiveInputs, ViewRequest, ViewScores
 from cppo_lightning.rollout import Rollout
+from cppo_lightning.sharding import clip_by_global_norm, global_grad_norm, is_sharded, run_gathered
 
 log = logging.getLogger(__name__)
 _REFUSALS_LOGGED: set[str] = set()
@@ -490,6 +491,20 @@ class RolloutScorer:
         divergences: dict[str, int] | None = None,
     ) -> tuple[list[Tensor], list[Tensor | None], dict[str, Tensor]]:
         """One forward over the stacked parts; dense [n_part, T] log-probs and entropies per part.
+
+        Under FSDP2 the whole of it runs with the network's root unit gathered once (the output head's
+        weight among it, for every chunk of the head), see :func:`cppo_lightning.sharding.run_gathered`.
+        """
+        return run_gathered(model, self._score_parts, model, micro, parts, divergences)
+
+    def _score_parts(
+        self,
+        model: nn.Module,
+        micro: MicroBatch,
+        parts: list[_Part],
+        divergences: dict[str, int] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor | None], dict[str, Tensor]]:
+        """The body of :meth:`_forward`.
 
         ``divergences`` maps a part index to the part holding the original image, for which the
         exact full-vocabulary KL of the original's distribution to this part's is computed.
@@ -1134,9 +1149,7 @@ class PolicyUpdate:
         """One optimizer step on one mini-batch; False when it was skipped (non-finite loss or norm)."""
         optimizer.zero_grad(set_to_none=True)
         step, losses = self.accumulate_gradients(scorer, rows, record)
-        gradients = [p.grad for p in self._parameters() if p.grad is not None]
-        device = scorer.device
-        norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=device)
+        norm = global_grad_norm(self._parameters(), scorer.device)  # over every shard (FSDP2)
         # One sync per optimizer step: a non-finite loss or gradient norm skips the step on every rank.
         loss_finite = bool(torch.isfinite(torch.stack(losses)).all())
         finite = self.collective.every(loss_finite and bool(torch.isfinite(norm)))
@@ -1146,7 +1159,9 @@ class PolicyUpdate:
             problem = "gradient norm" if loss_finite else "loss"
             log.warning("step %d: skipping an optimizer step (non-finite %s)", self.global_step, problem)
             return False
-        if self.config.gradient_clip_val is not None:
+        if self.config.gradient_clip_val is not None and is_sharded(self.policy.model):
+            clip_by_global_norm(self._parameters(), self.config.gradient_clip_val, norm)
+        elif self.config.gradient_clip_val is not None:
             self._clip(optimizer, self.config.gradient_clip_val)
         optimizer.step()
         step.grad_norm = norm.detach()

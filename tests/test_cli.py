@@ -94,7 +94,10 @@ def check_release_recipe(config, cli):
     raw = yaml.safe_load(config.read_text())
     gpus = raw["trainer"]["devices"] * raw["trainer"]["num_nodes"]
     assert gpus == 8 and raw["trainer"]["max_epochs"] == 2
-    assert "FSDPStrategy" in raw["trainer"]["strategy"]["class_path"]
+    # FSDP2 over the 8 GPUs (Lightning's FSDP1 strategy is refused at start-up).
+    strategy = raw["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert strategy["init_args"] == {"data_parallel_size": gpus, "tensor_parallel_size": 1}
     assert cli.model.policy_config.finetuning == "full"
     assert gpus * cli.datamodule.batch_size == 512  # prompts per rollout batch
     assert gpus * cli.model.update_config.mini_batch_prompts == 64  # prompts per optimizer step

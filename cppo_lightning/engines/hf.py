@@ -11,6 +11,7 @@ from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.engines.base import Generation, eos_and_pad
 from cppo_lightning.models.loading import Policy
 from cppo_lightning.rollout import RolloutConfig, generate, sampling_mode
+from cppo_lightning.sharding import run_gathered
 
 
 class HFEngine:
@@ -52,7 +53,11 @@ class HFEngine:
                 start = call * step
                 rows = example_rows[start : start + step] if start < len(example_rows) else example_rows[-1:]
                 prompts, samples = prompt_runs(rows)
-                generated = generate(
+                # Under FSDP2 the root unit (embeddings, head) is gathered once per call, the layers at
+                # every decoding step (synced_gpus keeps the ranks in step).
+                generated = run_gathered(
+                    policy.model,
+                    generate,
                     policy.model,
                     batch.model_inputs(ORIGINAL, prompts),
                     config,

@@ -37,6 +37,7 @@ from cppo_lightning.engines.base import Generation, device_of, eos_and_pad, supp
 from cppo_lightning.engines.config import VLLMConfig
 from cppo_lightning.models.loading import Policy, resolve_model_path
 from cppo_lightning.rollout import RolloutConfig, derived_seed
+from cppo_lightning.sharding import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -272,11 +273,18 @@ class VLLMEngine:
         """Bring the sampler's weights up to date with the policy now (adapter or full weights)."""
         started = time.perf_counter()
         self.version += 1
+        # Under FSDP2 every rank gathers the whole weights (the adapters under LoRA) once per push: every rank
+        # samples from its own engine, and a push happens at most once per optimizer step.
+        full = None
+        if is_sharded(policy.model):
+            trained = {name for name, p in policy.model.named_parameters() if p.requires_grad}
+            select = (lambda name: name in trained) if self.uses_adapters else None
+            full = full_state_dict(policy.model, all_ranks=True, select=select)
         if self.uses_adapters:
             if self.base_stale:
                 self._reload(weights_path=self.serving)
             folder = self.workdir / f"adapter-{self.version}"
-            policy.model.save_pretrained(folder)
+            policy.model.save_pretrained(folder, state_dict=full)
             from vllm.lora.request import LoRARequest
 
             # A new id each time: vLLM caches adapters by id.
@@ -289,12 +297,12 @@ class VLLMEngine:
             # vLLM then takes as its model folder (so it also needs the tokenizer and processor files).
             folder = self.workdir / "weights"
             first = not folder.exists()
-            policy.model.save_pretrained(folder)
+            policy.model.save_pretrained(folder, state_dict=full)
             if first:
                 vllm_processor(policy.processor).save_pretrained(folder)
             self._reload(weights_path=str(folder))
         else:
-            self._reload(weights_iterator=_weights(policy))
+            self._reload(weights_iterator=_weights(policy, full))
         self.stale = False
         self.base_stale = False
         self.timings["sync_s"] += time.perf_counter() - started
@@ -411,9 +419,9 @@ class VLLMEngine:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _weights(policy: Policy) -> Iterator[tuple[str, Tensor]]:
+def _weights(policy: Policy, state: dict[str, Tensor] | None = None) -> Iterator[tuple[str, Tensor]]:
     # Checkpoint names, as save_pretrained would write them; vLLM maps them onto its own layout.
-    for name, tensor in policy.model.state_dict().items():
+    for name, tensor in (policy.model.state_dict() if state is None else state).items():
         yield name, tensor.detach()
 
 

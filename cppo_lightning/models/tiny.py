@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,15 +325,46 @@ def resolve_tiny_spec(name: str) -> Path:
             f"{sorted(SIZES)}"
         )
     target = cache_dir() / "tiny" / f"{arch}-{size}-seed{seed}"
-    if not (target / "tiny_vlm.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename, so concurrent processes (DDP ranks) never read half a folder.
-        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-        build_tiny_vlm(staging, arch, size, seed)
-        try:
-            staging.rename(target)
-        except OSError:  # another process won the race; its folder is identical
-            shutil.rmtree(staging, ignore_errors=True)
+    return _build_once(target, "tiny_vlm.json", lambda folder: build_tiny_vlm(folder, arch, size, seed))
+
+
+#: How long a rank waits for rank 0 to build a ``tiny:``/``random:`` model (a full-depth 7B takes minutes).
+BUILD_WAIT_S = 1800.0
+
+
+def _build_once(target: Path, marker: str, build) -> Path:
+    """``build(folder)`` into a staging folder beside ``target``, renamed to it once complete (``marker``
+    written last); a finished ``target`` is reused.
+
+    In a distributed run only global rank 0 builds and the other ranks wait for its folder: transformers'
+    ``save_pretrained`` writes the weights on rank 0 only, so another rank's folder would have none.
+    """
+    if (target / marker).exists():
+        return target
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        deadline = time.monotonic() + BUILD_WAIT_S
+        while not (target / marker).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"rank {dist.get_rank()} waited {BUILD_WAIT_S:.0f} s for rank 0 to build {target}: build it "
+                    "once in a single process first (cppo tiny ..., or load the spec once), on a file system "
+                    "every node sees"
+                )
+            time.sleep(0.5)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so concurrent processes never read half a folder.
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(staging)
+        staging.rename(target)
+    except OSError:  # another process won the race; its folder is identical
+        if not (target / marker).exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -928,15 +960,4 @@ def resolve_random_spec(name: str) -> Path:
         / "random"
         / f"{arguments['name']}-t{text}-v{vision}-{dtype}-seed{arguments.get('seed', 0)}"
     )
-    if not (target / "random_vlm.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-        try:
-            build_random_vlm(staging, **arguments)
-            staging.rename(target)
-        except OSError:  # another process won the race; its folder is identical
-            if not (target / "random_vlm.json").exists():
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return _build_once(target, "random_vlm.json", lambda folder: build_random_vlm(folder, **arguments))
