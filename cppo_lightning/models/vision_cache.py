@@ -10,7 +10,8 @@ features (vision features injected at several decoder layers) travel in the same
 
 When the vision side is trained (full fine-tuning, a vision LoRA), its features change with every
 optimizer step and must carry gradient: :meth:`VisionCache.usable` says no, and the forward encodes
-its images itself (once per image and forward with the grouped forward, not once per row).
+its images itself (once per image and forward with the grouped forward, not once per row). So it does
+under FSDP2, where an encode is a collective every rank must make in step.
 """
 
 from __future__ import annotations
@@ -91,7 +92,11 @@ class VisionCache:
             return False
         if "mm_encoder_outputs" not in inspect.signature(backbone.forward).parameters:
             return False
-        return not vision_side_trainable(model)
+        from cppo_lightning.sharding import is_sharded
+
+        # Under FSDP2 every encode gathers the vision blocks' shards: the ranks must encode in step, which
+        # lazily filled per-rank caches would not (each rank's rows need other images): encode per forward.
+        return not vision_side_trainable(model) and not is_sharded(model)
 
     def outputs(self, model: nn.Module, view: str, examples: Sequence[int]) -> object:
         """The merged encoder output of these examples' images under one view (repeats allowed)."""
