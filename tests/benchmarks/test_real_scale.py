@@ -55,11 +55,11 @@ def run_result(text_layers, vision_layers, resident, transient, scale=1):
     """A benchmark result with one measured step: resident + per-phase transient memory, token counts."""
     memory = {
         phase: {"resident": resident, "transient": transient[phase], "peak": resident + transient[phase]}
-        for phase in real_scale.PHASES
+        for phase in real_scale.FIT_PHASES
     }
     step = {
         "warmup": False,
-        "seconds": {phase: 1.0 for phase in real_scale.PHASES},
+        "seconds": {phase: 1.0 for phase in real_scale.FIT_PHASES},
         "memory": {phase: {**values, "reserved": None} for phase, values in memory.items()},
         "completion_tokens": 10 * scale,
         "prompt_tokens": 30 * scale,
