@@ -31,7 +31,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cppo_lightning.batch import ORIGINAL, PromptBatch
-from cppo_lightning.engines import RolloutEngine, build_engine, sampler_logprob_mismatch
+from cppo_lightning.engines import RolloutEngine, build_engine, check_sampler_logprobs
 from cppo_lightning.metrics import AverageAccuracy, RewardStatistics
 from cppo_lightning.models.grouped import enable_grouped_attention
 from cppo_lightning.models.loading import LoRAConfig, Policy, PolicyConfig, load_policy
@@ -187,12 +187,20 @@ class CPPOModule(pl.LightningModule):
         self.skipped_steps = 0
         self.last_rollout: Rollout | None = None
         self.last_eval_rollout: Rollout | None = None
-        # Counts reference passes (a test checks that beta = 0 runs none).
+        # Counts reference and old-policy passes (tests check when none runs).
         self.reference_forwards = 0
+        self.old_policy_forwards = 0
         #: Seconds of each phase of the last RL step (see :meth:`phase`).
         self.phase_seconds: dict[str, float] = {}
         self._validated_batch_size: int | None = None
         self._validate_sizes()
+        if self.update_config.old_logprobs == "sampler" and self.objective.rollout_correction != "none":
+            raise ValueError(
+                "model.update.old_logprobs: sampler takes the sampler's log-probs as lp_old, so the weights "
+                f"of model.objective.init_args.rollout_correction: {self.objective.rollout_correction} "
+                "(pi_old / pi_sampler) would all be 1 and correct nothing: set one of them to "
+                "policy / none"
+            )
 
     # ------------------------------------------------------------------ set-up
 
@@ -210,6 +218,11 @@ class CPPOModule(pl.LightningModule):
             )
         if problems:
             raise ValueError("batch sizes do not fit: " + "; ".join(problems))
+
+    @property
+    def needs_sampler_logprobs(self) -> bool:
+        """Whether the update reads the sampler's log-probs (``old_logprobs: sampler``, a rollout correction)."""
+        return self.update_config.old_logprobs == "sampler" or self.objective.rollout_correction != "none"
 
     @property
     def required_views(self) -> tuple[str, ...]:
@@ -238,7 +251,13 @@ class CPPOModule(pl.LightningModule):
         if strategy is not None and is_model_parallel(strategy):
             self._shard(strategy)
         # What samples rollouts (model.rollout.engine); the module only calls generate() and sync().
-        self.engine = build_engine(self.rollout_config, self.policy, synced_gpus=self._synced_generation)
+        self.engine = build_engine(
+            self.rollout_config,
+            self.policy,
+            synced_gpus=self._synced_generation,
+            report_logprobs=self.needs_sampler_logprobs,
+        )
+        check_sampler_logprobs(self.engine, self.rollout_config.engine, self.needs_sampler_logprobs)
         if self.update_config.shared_prefix:
             # Installed before the first forward, so every step (generation too) runs the same attention
             # code: a resumed run then repeats the uninterrupted one bit for bit.
@@ -436,12 +455,9 @@ class CPPOModule(pl.LightningModule):
         updater.global_step = self.global_step
         statistics = updater.run(batch, rollout, self.optimizers(), self.lr_schedulers())
         self.reference_forwards += updater.reference_passes
+        self.old_policy_forwards += updater.old_policy_passes
         self.skipped_steps += statistics.skipped
-        old = updater.last_scorer.precomputed.old_logprobs if updater.last_scorer is not None else None
-        if old is not None and rollout.sampler_logprobs is not None:
-            rollout.sampler_logprob_mismatch = sampler_logprob_mismatch(
-                rollout.sampler_logprobs, old, rollout.completion_mask
-            )
+        rollout.sampler_logprob_mismatch = statistics.sampler.get("sampler_logprob_mismatch")
         return statistics
 
     # ------------------------------------------------------------------ logging
@@ -465,8 +481,7 @@ class CPPOModule(pl.LightningModule):
         values["forwards"] = float(statistics.forwards)
         values["prompt_tokens_saved"] = statistics.prompt_tokens_saved
         values["skipped_steps"] = float(self.skipped_steps)
-        if rollout.sampler_logprob_mismatch is not None:
-            values["sampler_logprob_mismatch"] = rollout.sampler_logprob_mismatch
+        values.update(statistics.sampler)
         values["lr"] = self.optimizers().param_groups[0]["lr"]
         timing = {
             "time/rollout_s": rollout_time,

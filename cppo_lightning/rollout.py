@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
+from transformers import LogitsProcessorList
 
 from cppo_lightning.batch import PromptBatch
 from cppo_lightning.engines.config import VLLMConfig
@@ -231,11 +232,14 @@ def generate(
     pad_token_id: int,
     synced_gpus: bool = False,
     samples: int = 1,
+    logits_processor: list | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sample ``samples`` completions per input row (consecutive rows of the output).
 
     ``generate`` encodes each row's image and prefills its prompt once, then expands the batch ``samples``
     times: the same completions as ``samples`` repeated input rows, at a fraction of the prefill.
+    ``logits_processor``: transformers logits processors run at every decoding step, after the
+    generation config's own and before the sampling warpers (temperature, top-k, top-p).
 
     Returns:
         ``(completion_ids [R, C], completion_mask [R, C])``.
@@ -248,6 +252,8 @@ def generate(
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
     if samples > 1 and sampling:
         kwargs["num_return_sequences"] = samples
+    if logits_processor:
+        kwargs["logits_processor"] = LogitsProcessorList(logits_processor)
     sequences = model.generate(
         **inputs, eos_token_id=eos_token_ids, pad_token_id=pad_token_id, synced_gpus=synced_gpus, **kwargs
     )

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from cppo_lightning.batch import ORIGINAL, TEXT_KEYS, PromptBatch, concat_vision_inputs
+from cppo_lightning.engines.base import sampler_kl, sampler_logprob_mismatch
 from cppo_lightning.models.grouped import (
     Segment,
     enable_grouped_attention,
@@ -44,6 +45,10 @@ from cppo_lightning.sharding import clip_by_global_norm, global_grad_norm, is_sh
 
 log = logging.getLogger(__name__)
 _REFUSALS_LOGGED: set[str] = set()
+
+
+#: Where ``lp_old`` comes from (:attr:`UpdateConfig.old_logprobs`).
+OLD_LOGPROBS = ("policy", "sampler")
 
 
 @dataclass
@@ -72,6 +77,12 @@ class UpdateConfig:
             each image once per rollout batch when the vision side is frozen. The same log-probs and
             gradients as one row per rollout (false: today's per-row path, for comparison); an
             architecture that cannot be grouped (Qwen3.5) is scored per row with a warning.
+        old_logprobs: where ``lp_old``, the pre-update policy's log-probs of the sampled tokens, comes
+            from when the update needs it (several optimizer steps per rollout batch, or a sampler that
+            is not the trained network): ``"policy"`` scores the rollouts with the policy in a no-grad
+            forward; ``"sampler"`` takes the log-probs the rollout engine reported and skips that
+            forward (the sampler then stands in for the old policy, and the rollout correction's
+            weights would all be 1, so the two are refused together).
     """
 
     mini_batch_prompts: int | None = None
@@ -82,9 +93,14 @@ class UpdateConfig:
     gradient_clip_val: float | None = 1.0
     shuffle: bool = False
     shared_prefix: bool = True
+    old_logprobs: str = "policy"
 
     def __post_init__(self) -> None:
         problems = []
+        if self.old_logprobs not in OLD_LOGPROBS:
+            problems.append(
+                f"old_logprobs must be one of {', '.join(OLD_LOGPROBS)}, got {self.old_logprobs!r}"
+            )
         for name in (
             "mini_batch_prompts",
             "micro_batch_rollouts",
@@ -361,14 +377,16 @@ class Precomputed:
     """[N, C] no-grad scores of every rollout, computed once before the update.
 
     Attributes:
-        old_logprobs: under the pre-update policy, when more than one optimizer step follows (or the
-            sampler is not the trained network).
+        old_logprobs: ``lp_old``, when more than one optimizer step follows (or the sampler is not the
+            trained network): the pre-update policy's, or the sampler's with ``old_logprobs: sampler``.
         ref_logprobs: under the reference policy, when the objective has a KL term.
+        sampler_logprobs: what the rollout engine reported, when the objective corrects for the sampler.
         views: frozen views (requested ``with_grad=False``) under the pre-update policy.
     """
 
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
+    sampler_logprobs: Tensor | None = None
     views: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -751,6 +769,7 @@ class RolloutScorer:
             advantages=self.rollout.advantages[device_rows],
             old_logprobs=_rows(precomputed.old_logprobs, device_rows, length),
             ref_logprobs=_rows(precomputed.ref_logprobs, device_rows, length),
+            sampler_logprobs=_rows(precomputed.sampler_logprobs, device_rows, length),
             entropy=entropies[0],
             views=views,
         )
@@ -842,6 +861,8 @@ class StepStatistics:
         skipped: optimizer steps skipped for a non-finite loss or gradient norm.
         prompt_tokens_saved: fraction of the prompt tokens one row per rollout would compute that the
             grouped forwards did not (0 with ``shared_prefix: false``).
+        sampler: the sampler/learner gap of the rollout batch (see :func:`sampler_gap`), when the engine
+            reported log-probs.
     """
 
     sums: dict[str, Tensor] = field(default_factory=dict)
@@ -852,6 +873,7 @@ class StepStatistics:
     forwards: int = 0
     skipped: int = 0
     prompt_tokens_saved: float = 0.0
+    sampler: dict[str, Tensor] = field(default_factory=dict)
     _norms: list[Tensor] = field(default_factory=list)
     _padding: list[float] = field(default_factory=list)
     _micro: list[int] = field(default_factory=list)
@@ -981,6 +1003,11 @@ class PolicyUpdate:
         self._on_step = on_step or (lambda: None)
         #: Reference forwards run (a test checks that beta = 0 runs none).
         self.reference_passes = 0
+        #: Old-policy scoring passes run (none with ``old_logprobs: sampler``).
+        self.old_policy_passes = 0
+        # The policy's log-probs of the rows of the first optimizer step, taken from its forwards when no
+        # old-policy pass ran: what the sampler/learner gap is measured on then.
+        self._first_step: tuple[Tensor, Tensor] | None = None
         self.requirements = None
         #: The scorer of the last rollout batch (its no-grad scores, counters).
         self.last_scorer: RolloutScorer | None = None
@@ -1015,11 +1042,30 @@ class PolicyUpdate:
         self.last_scorer = scorer
         # With one optimizer step per rollout, sampled by the network being trained, the policy that
         # sampled is the one being updated: lp_old == lp.detach() and no old-policy pass is needed.
-        # Another sampler (vLLM) is not the trained network: lp_old then comes from the policy.
+        # Another sampler (vLLM) is not the trained network: lp_old then comes from the policy, or
+        # from the sampler's own log-probs with `old_logprobs: sampler`.
         needs_old = optimizer_steps > 1 or not self.samples_from_policy
+        from_sampler = config.old_logprobs == "sampler"
+        sampler = rollout.sampler_logprobs
+        if sampler is None and (needs.sampler_logprobs or (needs_old and from_sampler)):
+            setting = "update.old_logprobs: sampler" if from_sampler else "objective.rollout_correction"
+            raise ValueError(f"{setting} needs the rollout engine's log-probs, and this rollout has none")
+        precomputed = scorer.precomputed
+        if needs.sampler_logprobs:
+            precomputed.sampler_logprobs = sampler.float()
+        if needs_old and from_sampler:
+            precomputed.old_logprobs = sampler.float()
+        scores_old = needs_old and not from_sampler
+        self.old_policy_passes += int(scores_old)
+        self._first_step = None
+        if sampler is not None and not scores_old:
+            self._first_step = (
+                torch.zeros_like(sampler, dtype=torch.float32),
+                torch.zeros(len(rollout), dtype=torch.bool),
+            )
         with torch.no_grad():
             with self._phase("scoring"):
-                scorer.precompute(old=needs_old, reference=None, frozen_views=needs.frozen_views)
+                scorer.precompute(old=scores_old, reference=None, frozen_views=needs.frozen_views)
             with self._phase("reference"):
                 if needs.reference:
                     with self.policy.reference() as reference:
@@ -1098,7 +1144,11 @@ class PolicyUpdate:
         return self.collective.sum(local)
 
     def accumulate_gradients(
-        self, scorer: RolloutScorer, rows: list[int], record: bool = False
+        self,
+        scorer: RolloutScorer,
+        rows: list[int],
+        record: bool = False,
+        capture: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[StepStatistics, list[Tensor]]:
         """Backward of one mini-batch's loss, micro-batch by micro-batch, into ``.grad``.
 
@@ -1109,6 +1159,7 @@ class PolicyUpdate:
             scorer: the rollout batch's scorer (:meth:`score`).
             rows: the mini-batch's rollout rows.
             record: store the objective's per-token diagnostics in the rollout (for callbacks).
+            capture: ``([N, C] values, [N] bool rows)`` to store the micro-batches' detached ``lp`` in.
 
         Returns:
             The mini-batch's metrics (not yet merged) and each micro-batch's loss.
@@ -1131,6 +1182,12 @@ class PolicyUpdate:
                     counts = counts.with_totals(**self._selection_totals([inputs.selected]))
                     inputs.counts = counts
             output = objective(inputs)
+            if capture is not None:
+                values, captured = capture
+                values[torch.as_tensor(micro.rows, device=values.device), : micro.completion_length] = (
+                    inputs.logprobs.detach().float()
+                )
+                captured[micro.rows] = True
             self._backward(output.loss, index == len(plans) - 1)
             losses.append(output.loss.detach())
             step.add(output.metrics)
@@ -1148,7 +1205,9 @@ class PolicyUpdate:
     ) -> bool:
         """One optimizer step on one mini-batch; False when it was skipped (non-finite loss or norm)."""
         optimizer.zero_grad(set_to_none=True)
-        step, losses = self.accumulate_gradients(scorer, rows, record)
+        # Before the first optimizer step the policy is still the old one: its lp there is lp_old.
+        capture = self._first_step if statistics.steps == 0 and statistics.skipped == 0 else None
+        step, losses = self.accumulate_gradients(scorer, rows, record, capture)
         norm = global_grad_norm(self._parameters(), scorer.device)  # over every shard (FSDP2)
         # One sync per optimizer step: a non-finite loss or gradient norm skips the step on every rank.
         loss_finite = bool(torch.isfinite(torch.stack(losses)).all())
@@ -1195,11 +1254,37 @@ class PolicyUpdate:
                     if stepped and scheduler is not None:
                         scheduler.step()
         statistics.forwards = scorer.forwards
+        statistics.sampler = self.sampler_gap(scorer)
         if scorer.prompt_tokens_per_row:
             statistics.prompt_tokens_saved = (
                 1.0 - scorer.prompt_tokens_computed / scorer.prompt_tokens_per_row
             )
         return statistics
+
+    def sampler_gap(self, scorer: RolloutScorer) -> dict[str, Tensor]:
+        """How far the sampler's log-probs are from the policy's, when the engine reported them.
+
+        Measured against the old-policy pass when one ran (every rollout), otherwise against the
+        policy's log-probs in the forwards of the first optimizer step (its rows), when the policy
+        had not moved yet.
+
+        Returns:
+            ``sampler_logprob_mismatch`` (mean ``|lp_mu - lp|`` over response tokens) and ``sampler_kl``
+            (:func:`sampler_kl`); empty without sampler log-probs.
+        """
+        rollout = scorer.rollout
+        if rollout.sampler_logprobs is None:
+            return {}
+        if self._first_step is None:
+            policy, mask = scorer.precomputed.old_logprobs, rollout.completion_mask
+        else:
+            policy, captured = self._first_step
+            mask = rollout.completion_mask & captured.to(rollout.completion_mask.device).unsqueeze(1)
+        sampler = rollout.sampler_logprobs
+        return {
+            "sampler_logprob_mismatch": sampler_logprob_mismatch(sampler, policy, mask),
+            "sampler_kl": sampler_kl(sampler, policy, mask),
+        }
 
 
 __all__ = [

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from cppo_lightning.engines.base import Generation, RolloutEngine, sampler_logprob_mismatch
+from cppo_lightning.engines.base import Generation, RolloutEngine, sampler_kl, sampler_logprob_mismatch
 from cppo_lightning.engines.config import VLLMConfig
 
 if TYPE_CHECKING:
@@ -27,7 +27,10 @@ _LAZY = {"HFEngine": "cppo_lightning.engines.hf", "VLLMEngine": "cppo_lightning.
 
 
 def build_engine(
-    rollout: RolloutConfig, policy: Policy, synced_gpus: bool | Callable[[], bool] = False
+    rollout: RolloutConfig,
+    policy: Policy,
+    synced_gpus: bool | Callable[[], bool] = False,
+    report_logprobs: bool = False,
 ) -> RolloutEngine:
     """The engine ``rollout.engine`` names, for this policy.
 
@@ -35,6 +38,7 @@ def build_engine(
         rollout: the rollout settings (``engine`` and its options).
         policy: the loaded policy.
         synced_gpus: for the HF engine under sharded strategies (see :class:`HFEngine`).
+        report_logprobs: the sampler's log-probs are needed (vLLM always reports them; HF on request).
 
     Raises:
         ValueError: an unknown engine name, or an engine that cannot serve this policy.
@@ -43,12 +47,25 @@ def build_engine(
     if rollout.engine == "hf":
         from cppo_lightning.engines.hf import HFEngine
 
-        return HFEngine(synced_gpus=synced_gpus)
+        return HFEngine(synced_gpus=synced_gpus, report_logprobs=report_logprobs)
     if rollout.engine == "vllm":
         from cppo_lightning.engines.vllm import VLLMEngine
 
         return VLLMEngine(policy, rollout.vllm, rollout)
     raise ValueError(f"model.rollout.engine must be one of {ENGINES}, got {rollout.engine!r}")
+
+
+def check_sampler_logprobs(engine: RolloutEngine, name: str, needed: bool) -> None:
+    """Refuse, at start-up, an engine that reports no log-probs when the update needs them.
+
+    Raises:
+        ValueError: naming the engine and the two settings that need its log-probs.
+    """
+    if needed and not getattr(engine, "reports_logprobs", False):
+        raise ValueError(
+            f"model.update.old_logprobs: sampler and model.objective.init_args.rollout_correction need the "
+            f"sampler's log-probs, and the rollout engine {name!r} ({type(engine).__name__}) reports none"
+        )
 
 
 def __getattr__(name: str):
@@ -65,5 +82,7 @@ __all__ = [
     "VLLMConfig",
     "VLLMEngine",
     "build_engine",
+    "check_sampler_logprobs",
+    "sampler_kl",
     "sampler_logprob_mismatch",
 ]

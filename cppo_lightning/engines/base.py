@@ -53,6 +53,8 @@ class RolloutEngine(Protocol):
     #: True when the sampler IS the trained network (HF generate on the policy): then
     #: ``lp_old == lp.detach()`` is exact with one optimizer step per rollout batch.
     samples_from_policy: bool
+    #: True when ``generate`` fills ``Generation.sampler_logprobs`` for sampled (temperature > 0) rows.
+    reports_logprobs: bool
 
     def generate(
         self,
@@ -95,6 +97,29 @@ def sampler_logprob_mismatch(sampler_logprobs: Tensor, policy_logprobs: Tensor, 
     mask = mask.bool()
     difference = (sampler_logprobs.float() - policy_logprobs.float()).abs()
     return (difference * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sampler_kl(sampler_logprobs: Tensor, policy_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """k3 estimate of KL(sampler || policy) per response, averaged over responses.
+
+    The tokens were drawn from the sampler ``mu``; with ``d_t = lp_policy_t - lp_mu_t``, each token's
+    ``exp(d_t) - d_t - 1`` (:func:`~cppo_lightning.objectives.functional.k3_kl`, clamped likewise) is an
+    unbiased, nonnegative estimate of the KL at that position. A response's KL is the sum over its
+    tokens (the KL between the two distributions of whole responses); the result is the mean over the
+    rows with at least one response token (0 without any).
+
+    Args:
+        sampler_logprobs (Tensor): [N, C] log-probs the engine reported for its sampled tokens.
+        policy_logprobs (Tensor): [N, C] the same tokens under the trained policy.
+        mask (Tensor): [N, C] bool, the response tokens measured.
+    """
+    from cppo_lightning.objectives.functional import k3_kl
+
+    mask = mask.bool()
+    per_token = k3_kl(sampler_logprobs.float(), policy_logprobs.float())
+    per_row = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(dim=1)
+    rows = mask.any(dim=1)
+    return (per_row * rows).sum() / rows.sum().clamp(min=1)
 
 
 def eos_and_pad(policy: Policy) -> tuple[list[int], int]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
+from transformers import LogitsProcessor
 
 from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.engines.base import Generation, eos_and_pad
 from cppo_lightning.models.loading import Policy
+from cppo_lightning.models.scoring import LanguageModelHead
 from cppo_lightning.rollout import RolloutConfig, generate, sampling_mode
 from cppo_lightning.sharding import run_gathered
 
@@ -27,12 +30,17 @@ class HFEngine:
     Args:
         synced_gpus: whether every rank must run the same number of decoding steps (sharded
             strategies: FSDP, DeepSpeed); a callable is asked at every call.
+        report_logprobs: fill ``Generation.sampler_logprobs`` for sampled rows (temperature > 0): the
+            log-prob of each sampled token under ``softmax(logits / temperature)``, as the update scores
+            it (see :class:`SampledTokenLogprobs`). They equal the policy's to float rounding; the module
+            asks for them for ``update.old_logprobs: sampler`` and the rollout correction.
     """
 
     samples_from_policy = True
 
-    def __init__(self, synced_gpus: bool | Callable[[], bool] = False) -> None:
+    def __init__(self, synced_gpus: bool | Callable[[], bool] = False, report_logprobs: bool = False) -> None:
         self.synced_gpus = synced_gpus
+        self.reports_logprobs = report_logprobs
 
     def generate(
         self, policy: Policy, batch: PromptBatch, example_rows: Tensor, config: RolloutConfig, seed: int
@@ -48,36 +56,93 @@ class HFEngine:
             # calls, also when a rank holds fewer rows (its extra calls decode a row again, discarded).
             calls = most_calls(calls, next(policy.model.parameters()).device)
         parts = []
+        report = self.reports_logprobs and config.temperature > 0
         with sampling_mode(policy.model):
             for call in range(calls):
                 start = call * step
                 rows = example_rows[start : start + step] if start < len(example_rows) else example_rows[-1:]
                 prompts, samples = prompt_runs(rows)
+                recorder = SampledTokenLogprobs(policy.model, config.temperature) if report else None
                 # Under FSDP2 the root unit (embeddings, head) is gathered once per call, the layers at
                 # every decoding step (synced_gpus keeps the ranks in step).
-                generated = run_gathered(
-                    policy.model,
-                    generate,
-                    policy.model,
-                    batch.model_inputs(ORIGINAL, prompts),
-                    config,
-                    eos,
-                    pad,
-                    synced_gpus=synced,
-                    samples=samples,
-                )
+                with recorder.recording() if recorder is not None else nullcontext():
+                    generated = run_gathered(
+                        policy.model,
+                        generate,
+                        policy.model,
+                        batch.model_inputs(ORIGINAL, prompts),
+                        config,
+                        eos,
+                        pad,
+                        synced_gpus=synced,
+                        samples=samples,
+                        logits_processor=[recorder] if recorder is not None else None,
+                    )
+                if recorder is not None:
+                    generated = (*generated, recorder.logprobs(*generated))
                 if start < len(example_rows) or not parts:
                     parts.append(generated)
-        if len(parts) == 1:
-            completion, mask = parts[0]
-        else:
-            width = max(ids.shape[1] for ids, _ in parts)
-            completion = torch.cat([pad_right(ids, width, pad) for ids, _ in parts])
-            mask = torch.cat([pad_right(part_mask, width, False) for _, part_mask in parts])
-        return Generation(completion_ids=completion, completion_mask=mask)
+        width = max(part[0].shape[1] for part in parts)
+        completion = torch.cat([pad_right(part[0], width, pad) for part in parts])
+        mask = torch.cat([pad_right(part[1], width, False) for part in parts])
+        logprobs = torch.cat([pad_right(part[2], width, 0.0) for part in parts]) if report else None
+        return Generation(completion_ids=completion, completion_mask=mask, sampler_logprobs=logprobs)
 
     def sync(self, policy: Policy) -> None:
         """Nothing to do: the sampler is the policy."""
+
+
+class SampledTokenLogprobs(LogitsProcessor):
+    """Records the log-prob of every sampled token, as the update scores it, during ``generate``.
+
+    A forward hook on the output head keeps the logits of each decoding step (before any logits
+    processor: the generation config's suppressed tokens and ``min_new_tokens``' EOS mask are not
+    applied, nor are top-k and top-p). Called as a logits processor once per decoding step, it turns them
+    into ``log_softmax(logits / temperature)``; the token sampled at step ``t`` is the last input id at
+    step ``t + 1``, where its log-prob is read. One ``[rows, vocabulary]`` step is held at a time.
+
+    Args:
+        model: the policy network ``generate`` runs.
+        temperature: the sampling temperature.
+    """
+
+    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
+        self.head = LanguageModelHead.of(model)
+        self.temperature = temperature
+        self.steps: list[Tensor] = []
+        self._logits: Tensor | None = None
+        self._last: Tensor | None = None
+
+    @contextmanager
+    def recording(self) -> Iterator[SampledTokenLogprobs]:
+        """Hook the output head while ``generate`` runs."""
+        handle = self.head.head.register_forward_hook(self._keep)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def _keep(self, module: torch.nn.Module, args, output: Tensor) -> None:
+        self._logits = output[:, -1]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self._last is not None:
+            self.steps.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
+        logits = self.head.finish(self._logits) / self.temperature
+        self._last = torch.log_softmax(logits, dim=-1)
+        return scores
+
+    def logprobs(self, completion: Tensor, mask: Tensor) -> Tensor:
+        """[R, C] float32 log-probs of ``completion``'s tokens (0 after each row's end)."""
+        steps = list(self.steps)
+        if self._last is not None and len(steps) < completion.shape[1]:  # the last step's token
+            steps.append(self._last.gather(1, completion[:, len(steps) : len(steps) + 1]).squeeze(1))
+        if len(steps) != completion.shape[1]:
+            raise RuntimeError(
+                f"recorded {len(steps)} decoding steps for {completion.shape[1]} completion tokens"
+            )
+        values = torch.stack(steps, dim=1).float()
+        return values.masked_fill(~mask.bool(), 0.0)
 
 
 def prompt_runs(rows: Tensor) -> tuple[Tensor, int]:

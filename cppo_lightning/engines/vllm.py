@@ -128,6 +128,7 @@ class VLLMEngine:
     """
 
     samples_from_policy = False
+    reports_logprobs = True
 
     def __init__(
         self, policy: Policy, options: VLLMConfig | None = None, rollout: RolloutConfig | None = None

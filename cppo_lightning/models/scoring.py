@@ -149,7 +149,10 @@ class LanguageModelHead:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """[..., V] logits of hidden states [..., H], in float32 (or float64)."""
-        logits = self.head(hidden)
+        return self.finish(self.head(hidden))
+
+    def finish(self, logits: Tensor) -> Tensor:
+        """The head's output as the model's logits: in float32 (or float64), soft-capped where it applies."""
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap

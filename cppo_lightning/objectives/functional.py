@@ -36,6 +36,8 @@ __all__ = [
     "masked_aggregate",
     "token_mean",
     "clipped_policy_loss",
+    "ROLLOUT_CORRECTIONS",
+    "rollout_correction_weights",
     "perception_token_mask",
     "contrastive_perception_loss",
     "contrastive_perception_loss_from_divergences",
@@ -47,6 +49,7 @@ __all__ = [
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "micro-batch-token-mean")
 ADVANTAGE_SCALES = ("std", "none")
 DIVERGENCES = ("k3", "full_kl")
+ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 # Log-ratios and k3 inputs are clamped to this range before exp so that one wildly off token
 # cannot turn the loss into inf (exp(20) ~ 4.9e8 is finite in float32 and bfloat16).
@@ -555,13 +558,15 @@ def clipped_policy_loss(
     dual_clip: float | None = 3.0,
     aggregation: str = "token-mean",
     counts: BatchCounts | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate with dual clip, aggregated over response tokens.
 
     ``rho = exp(clamp(lp - lp_old, -20, 20))``,
     ``pg = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)``, and for ``A < 0``
     additionally ``pg = min(pg, -dual_clip * A)`` (bounds the loss of a very unlikely token
-    with negative advantage).
+    with negative advantage). With ``weights`` (the rollout correction ``w``, see
+    :func:`rollout_correction_weights`) each token's term is ``w * pg``; ``w`` is detached.
 
     Args:
         logprobs (Tensor): [R, T] ``lp^I`` under the current policy, with gradient.
@@ -573,6 +578,8 @@ def clipped_policy_loss(
         dual_clip: Dual-clip constant ``c > 1`` for negative advantages; ``None`` disables it.
         aggregation: One of ``AGGREGATIONS``.
         counts: The mini-batch's denominators (None: this micro-batch is the mini-batch).
+        weights (Tensor): [R, T] importance weights of the sampler/learner mismatch correction, or
+            None (no correction).
 
     Non-finite inputs are not checked here (that would cost a device sync per tensor): they make the
     loss non-finite, and the training module skips that optimizer step.
@@ -604,7 +611,72 @@ def clipped_policy_loss(
     else:
         metrics["dual_clip_fraction"] = torch.zeros((), device=logprobs.device)
     metrics["ratio_mean"] = token_mean(ratio, mask, counts)
+    if weights is not None:
+        check_same_shape(logprobs=logprobs, weights=weights)
+        pg = pg * weights.detach()
     return masked_aggregate(pg, mask, aggregation, counts=counts), metrics
+
+
+def rollout_correction_weights(
+    old_logprobs: Tensor,
+    sampler_logprobs: Tensor,
+    mask: Tensor,
+    mode: str,
+    cap: float = 2.0,
+    band: tuple[float, float] = (0.5, 2.0),
+) -> tuple[Tensor, Tensor]:
+    """Importance weights that correct the policy gradient for sampling with another network.
+
+    The rollouts were drawn from the sampler ``mu`` (vLLM: other kernels, often another dtype), while
+    the clipped surrogate's ratio ``rho = pi / pi_old`` assumes they came from ``pi_old``. The weight
+    ``w = pi_old / mu`` at the sampled tokens restores the expectation; it is truncated or masked to
+    bound its variance, and it is detached (a constant of the loss, like the advantage):
+
+    - ``"token_truncate"`` (token-level TIS): ``w_t = min(exp(lp_old_t - lp_mu_t), cap)``.
+    - ``"token_mask"`` (token-level MIS): ``w_t = exp(lp_old_t - lp_mu_t)`` where it lies in
+      ``[low, high]``, else 0 (the token leaves the policy gradient).
+    - ``"sequence_truncate"``: one weight per response, the geometric mean of its token ratios,
+      ``w = exp(mean_t (lp_old_t - lp_mu_t))``, truncated at ``cap``.
+    - ``"sequence_mask"``: the same sequence weight, and the whole response is left out of the policy
+      gradient when it lies outside ``[low, high]``.
+    - ``"none"``: ``w = 1``.
+
+    Log-ratios are clamped to ``[-20, 20]`` before ``exp``. A response without tokens has weight 1 and
+    is never counted as changed; padding positions get weight 0.
+
+    Args:
+        old_logprobs (Tensor): [R, T] ``lp_old``, the policy before the update, at the sampled tokens.
+        sampler_logprobs (Tensor): [R, T] ``lp_mu``, what the sampler reported for the same tokens.
+        mask (Tensor): [R, T] bool response mask.
+        mode: one of ``ROLLOUT_CORRECTIONS``.
+        cap: truncation level of the ``*_truncate`` modes (``>= 1``: a matched token keeps weight 1).
+        band: ``(low, high)`` kept by the ``*_mask`` modes (``low <= 1 <= high``).
+
+    Returns:
+        ``(weights, changed)``: [R, T] detached weights, and [R, T] bool, the response tokens whose
+        weight the truncation or the mask changed (every token of a changed response).
+    """
+    check_same_shape(old_logprobs=old_logprobs, sampler_logprobs=sampler_logprobs, mask=mask)
+    _check_choice("rollout_correction", mode, ROLLOUT_CORRECTIONS)
+    mask = mask.bool()
+    dtype = torch.promote_types(old_logprobs.dtype, torch.float32)
+    zero = torch.zeros((), dtype=dtype, device=old_logprobs.device)
+    if mode == "none":
+        return torch.where(mask, 1.0 + zero, zero), torch.zeros_like(mask)
+    # Padding may hold anything (vLLM reports 0, a shifted test NaN): it never reaches a weight.
+    log_ratio = torch.where(mask, old_logprobs.detach().to(dtype) - sampler_logprobs.detach().to(dtype), zero)
+    if mode.startswith("sequence"):
+        tokens = mask.sum(dim=-1, keepdim=True)
+        log_ratio = (log_ratio.sum(dim=-1, keepdim=True) / tokens.clamp(min=1)).expand_as(log_ratio)
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    if mode.endswith("truncate"):
+        changed = ratio > cap
+        weights = ratio.clamp(max=cap)
+    else:
+        low, high = band
+        changed = (ratio < low) | (ratio > high)
+        weights = torch.where(changed, zero, ratio)
+    return torch.where(mask, weights, zero), changed & mask
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from cppo_lightning.objectives.functional import (
     ADVANTAGE_SCALES,
     AGGREGATIONS,
     DIVERGENCES,
+    ROLLOUT_CORRECTIONS,
     BatchCounts,
     clipped_policy_loss,
     contrastive_perception_loss,
@@ -40,6 +41,7 @@ from cppo_lightning.objectives.functional import (
     k3_kl,
     masked_aggregate,
     perception_token_mask,
+    rollout_correction_weights,
     token_mean,
 )
 
@@ -130,6 +132,8 @@ class ObjectiveInputs:
         old_logprobs: [R, T] rollout-policy log-probs; None means ``lp_old = lp.detach()``
             (one optimizer step per rollout batch, sampled by the trained network itself).
         ref_logprobs: [R, T] reference-policy log-probs; present iff ``needs_reference``.
+        sampler_logprobs: [R, T] log-probs the rollout engine reported for its samples; present iff
+            ``rollout_correction`` is not ``"none"``.
         entropy: [R, T] full-vocab entropy under ``I`` (no gradient), when computed.
         views: Scores on the perturbed views, keyed by ``ViewRequest.name``.
         counts: The mini-batch's denominators (None: this micro-batch is the whole mini-batch).
@@ -143,6 +147,7 @@ class ObjectiveInputs:
     advantages: Tensor
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
+    sampler_logprobs: Tensor | None = None
     entropy: Tensor | None = None
     views: dict[str, ViewScores] = field(default_factory=dict)
     counts: BatchCounts | None = None
@@ -175,6 +180,7 @@ class Requirements:
         view_rows: [N] bool, the rollout rows that get the with-gradient views.
         selects_tokens: ``select_tokens`` returns masks whose mini-batch totals normalise the loss.
         normalises_over_mini_batch: False for the release's per-micro-batch aggregation.
+        sampler_logprobs: the sampler's log-probs of every rollout (``rollout_correction``).
     """
 
     reference: bool
@@ -183,6 +189,7 @@ class Requirements:
     view_rows: Tensor
     selects_tokens: bool
     normalises_over_mini_batch: bool
+    sampler_logprobs: bool = False
 
     @property
     def grad_views(self) -> tuple[ViewRequest, ...]:
@@ -231,6 +238,11 @@ class Objective(ABC):
         - ``dual_clip_fraction``: fraction of response tokens bounded by the dual clip.
         - ``ratio_mean``: mean importance ratio over response tokens.
         - ``entropy``: mean full-vocab entropy under ``I`` (when the module computes it).
+        - ``is_weight_mean``: with a rollout correction, the mean weight ``w`` applied (over response
+          tokens for the token modes, over responses for the sequence modes).
+        - ``is_truncated_fraction`` (``*_truncate``) or ``is_masked_fraction`` (``*_mask``): the
+          fraction of response tokens (token modes) or responses (sequence modes) whose weight the
+          cap or the band changed.
 
     Args:
         beta: Weight of the k3 KL to the reference policy; 0 skips the reference forward.
@@ -244,6 +256,15 @@ class Objective(ABC):
             per micro-batch averaged over micro-batches (also for the CPL's masked mean).
         advantage_scale: ``"std"`` (GRPO) or ``"none"`` (Dr. GRPO, no division by the group
             std); read by the training module when it computes advantages.
+        rollout_correction: Correct the policy gradient for rollouts sampled by another network
+            than the trained one (vLLM): ``"none"`` (default), ``"token_truncate"``,
+            ``"token_mask"``, ``"sequence_truncate"`` or ``"sequence_mask"``. The detached weight
+            ``w = pi_old / pi_sampler`` (per token, or the geometric mean over a response's tokens)
+            multiplies the clipped policy-gradient term only, never the KL or perception terms;
+            see :func:`~cppo_lightning.objectives.functional.rollout_correction_weights`.
+        correction_cap: Truncation level of the ``*_truncate`` modes (>= 1; TIS: 2).
+        correction_band: ``[low, high]`` weights kept by the ``*_mask`` modes (``low <= 1 <= high``);
+            a token or response outside it leaves the policy gradient.
     """
 
     beta: float = 0.01
@@ -252,6 +273,9 @@ class Objective(ABC):
     dual_clip: float | None = 3.0
     aggregation: str = "token-mean"
     advantage_scale: str = "std"
+    rollout_correction: str = "none"
+    correction_cap: float = 2.0
+    correction_band: tuple[float, float] = (0.5, 2.0)
 
     def __post_init__(self) -> None:
         _require(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
@@ -269,6 +293,22 @@ class Objective(ABC):
             self.advantage_scale in ADVANTAGE_SCALES,
             f"unknown advantage_scale {self.advantage_scale!r}; expected one of {', '.join(ADVANTAGE_SCALES)}",
         )
+        _require(
+            self.rollout_correction in ROLLOUT_CORRECTIONS,
+            f"unknown rollout_correction {self.rollout_correction!r}; expected one of "
+            f"{', '.join(ROLLOUT_CORRECTIONS)}",
+        )
+        # A token the sampler and the policy agree on (w = 1) must pass unchanged.
+        _require(
+            self.correction_cap >= 1,
+            f"correction_cap must be >= 1 (a weight of 1 must pass unchanged), got {self.correction_cap}",
+        )
+        band = tuple(self.correction_band)  # a list from YAML or a checkpoint
+        _require(
+            len(band) == 2 and 0 <= band[0] <= 1 <= band[1],
+            f"correction_band must be [low, high] with 0 <= low <= 1 <= high, got {list(band)}",
+        )
+        self.correction_band = (float(band[0]), float(band[1]))
 
     # ---- what the training module must compute -------------------------------------------
 
@@ -305,6 +345,7 @@ class Objective(ABC):
             view_rows=self.view_rows(advantages.detach().cpu()),
             selects_tokens=self.selects_tokens,
             normalises_over_mini_batch=self.normalises_over_mini_batch,
+            sampler_logprobs=self.rollout_correction != "none",
         )
 
     def view_rows(self, advantages: Tensor) -> Tensor:
@@ -353,6 +394,7 @@ class Objective(ABC):
         logprobs = inputs.logprobs
         response = inputs.response_mask.bool()
         old = inputs.old_logprobs if inputs.old_logprobs is not None else logprobs.detach()
+        weights, correction_metrics = self.correction(old, inputs.sampler_logprobs, response, counts)
         loss, metrics = clipped_policy_loss(
             logprobs,
             old,
@@ -363,7 +405,9 @@ class Objective(ABC):
             dual_clip=self.dual_clip,
             aggregation=self.aggregation,
             counts=counts,
+            weights=weights,
         )
+        metrics.update(correction_metrics)
         metrics["policy_loss"] = loss.detach()
         if inputs.ref_logprobs is not None:
             kl = masked_aggregate(
@@ -381,6 +425,29 @@ class Objective(ABC):
         metrics["loss"] = loss.detach()
         return ObjectiveOutput(loss, metrics, diagnostics)
 
+    def correction(
+        self, old_logprobs: Tensor, sampler_logprobs: Tensor | None, response: Tensor, counts: BatchCounts
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The rollout correction's weights (None without one) and its metric shares."""
+        mode = self.rollout_correction
+        if mode == "none":
+            return None, {}
+        weights, changed = rollout_correction_weights(
+            old_logprobs, sampler_logprobs, response, mode, self.correction_cap, self.correction_band
+        )
+        changed_name = "is_truncated_fraction" if mode.endswith("truncate") else "is_masked_fraction"
+        if mode.startswith("token"):
+            return weights, {
+                "is_weight_mean": token_mean(weights, response, counts),
+                changed_name: token_mean(changed.float(), response, counts),
+            }
+        # Sequence modes: one weight per response, averaged over the responses that have tokens.
+        has_tokens = response.any(dim=-1, keepdim=True)
+        return weights, {
+            "is_weight_mean": token_mean(weights[:, :1], has_tokens, counts, key="sequences"),
+            changed_name: token_mean(changed[:, :1].float(), has_tokens, counts, key="sequences"),
+        }
+
     def auxiliary_loss(
         self, inputs: ObjectiveInputs, counts: BatchCounts
     ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
@@ -395,13 +462,18 @@ class Objective(ABC):
         shape = tuple(logprobs.shape)
         _check_shape("response_mask", inputs.response_mask, shape, "logprobs has shape")
         _check_shape("advantages", inputs.advantages, shape[:1], "expected [R] =")
-        for name in ("old_logprobs", "ref_logprobs", "entropy"):
+        for name in ("old_logprobs", "ref_logprobs", "sampler_logprobs", "entropy"):
             tensor = getattr(inputs, name)
             if tensor is not None:
                 _check_shape(name, tensor, shape, "logprobs has shape")
         if self.needs_reference and inputs.ref_logprobs is None:
             raise ValueError(
                 f"{type(self).__name__} with beta={self.beta} needs ObjectiveInputs.ref_logprobs"
+            )
+        if self.rollout_correction != "none" and inputs.sampler_logprobs is None:
+            raise ValueError(
+                f"{type(self).__name__} with rollout_correction={self.rollout_correction!r} needs "
+                "ObjectiveInputs.sampler_logprobs (the rollout engine's log-probs)"
             )
         for name, view in inputs.views.items():
             _check_shape(f"views[{name!r}].logprobs", view.logprobs, shape, "logprobs has shape")
@@ -431,7 +503,11 @@ class Objective(ABC):
         cls = type(self)
         return {
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
-            "init_args": {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            # Tuples as lists: YAML (hparams.yaml, config.yaml) reads them back without Python tags.
+            "init_args": {
+                f.name: list(value) if isinstance(value := getattr(self, f.name), tuple) else value
+                for f in dataclasses.fields(self)
+            },
         }
 
     @staticmethod
@@ -466,6 +542,11 @@ class GRPO(Objective):
             (Dr. GRPO) or the release's ``"micro-batch-token-mean"`` (see ``Objective``).
         advantage_scale: ``"std"`` (GRPO) or ``"none"`` (Dr. GRPO, no division by the group
             std); read by the training module when it computes advantages.
+        rollout_correction: Sampler/learner mismatch correction of the policy gradient (see
+            ``Objective``): ``"none"``, ``"token_truncate"``, ``"token_mask"``,
+            ``"sequence_truncate"`` or ``"sequence_mask"``.
+        correction_cap: Truncation level of the ``*_truncate`` modes (>= 1).
+        correction_band: ``[low, high]`` kept by the ``*_mask`` modes.
     """
 
 
@@ -505,6 +586,11 @@ class CPPO(GRPO):
             (Dr. GRPO) or the release's ``"micro-batch-token-mean"`` (see ``Objective``).
         advantage_scale: ``"std"`` (GRPO) or ``"none"`` (Dr. GRPO, no division by the group
             std); read by the training module when it computes advantages.
+        rollout_correction: Sampler/learner mismatch correction of the policy gradient (see
+            ``Objective``): ``"none"``, ``"token_truncate"``, ``"token_mask"``,
+            ``"sequence_truncate"`` or ``"sequence_mask"``.
+        correction_cap: Truncation level of the ``*_truncate`` modes (>= 1).
+        correction_band: ``[low, high]`` kept by the ``*_mask`` modes.
         cpl_weight: ``lambda``, weight of the Contrastive Perception Loss (release: 0.01).
         tau: Temperature of the CPL softplus, positive.
         top_ratio: ``rho`` in (0, 1], fraction of each row's eligible tokens kept as
@@ -662,6 +748,11 @@ class PAPO(GRPO):
             (Dr. GRPO) or the release's ``"micro-batch-token-mean"`` (see ``Objective``).
         advantage_scale: ``"std"`` (GRPO) or ``"none"`` (Dr. GRPO, no division by the group
             std); read by the training module when it computes advantages.
+        rollout_correction: Sampler/learner mismatch correction of the policy gradient (see
+            ``Objective``): ``"none"``, ``"token_truncate"``, ``"token_mask"``,
+            ``"sequence_truncate"`` or ``"sequence_mask"``.
+        correction_cap: Truncation level of the ``*_truncate`` modes (>= 1).
+        correction_band: ``[low, high]`` kept by the ``*_mask`` modes.
         perception_weight: ``gamma``, weight of the implicit perception loss.
         entropy_weight_original: ``eta1``, weight of the entropy under the original image
             (PAPO: 0.05 for 7B, 0 for 3B).

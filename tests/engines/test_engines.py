@@ -202,6 +202,37 @@ def test_generation_in_calls_of_at_most_generation_rollouts_rows_gives_the_same_
     assert torch.equal(split.completion_ids, whole.completion_ids)
 
 
+@pytest.mark.parametrize("temperature, generation_rollouts", [(1.0, None), (0.7, 3)])
+def test_the_hf_engine_reports_the_log_probs_the_update_scores(
+    vllm_model, prompts, temperature, generation_rollouts
+):
+    """Recorded while sampling, one step behind: equal to a re-scoring forward to float rounding, also
+    across calls of ``generation_rollouts`` rows padded to one width, and at another temperature."""
+    from cppo_lightning.rollout import RolloutConfig, repeat_rows
+
+    policy = load_policy(PolicyConfig(str(vllm_model), finetuning="full"), reference=False)
+    rows = repeat_rows(prompts, 2, torch.device("cpu"))
+    config = RolloutConfig(
+        samples_per_prompt=2,
+        temperature=temperature,
+        max_new_tokens=10,
+        generation_rollouts=generation_rollouts,
+    )
+    torch.manual_seed(0)
+    generation = HFEngine(report_logprobs=True).generate(policy, prompts, rows, config, seed=0)
+    ids, mask = generation.completion_ids, generation.completion_mask
+    with torch.no_grad():
+        logits = completion_logits(policy.model, prompts.model_inputs(ORIGINAL, rows), ids, mask)
+        expected = token_logprobs(logits, ids, temperature=temperature) * mask
+    assert generation.sampler_logprobs.shape == ids.shape and (generation.sampler_logprobs[~mask] == 0).all()
+    torch.testing.assert_close(generation.sampler_logprobs, expected, atol=1e-5, rtol=0)
+    assert (expected[mask] < -1).any()  # a random model: far from a trivially certain distribution
+    # Recording does not change what is sampled.
+    torch.manual_seed(0)
+    plain = HFEngine().generate(policy, prompts, rows, config, seed=0)
+    assert plain.sampler_logprobs is None and torch.equal(plain.completion_ids, ids)
+
+
 def eos_and_pad_ids(config):
     eos = config.eos_token_id
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]

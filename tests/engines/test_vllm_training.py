@@ -108,6 +108,33 @@ def test_cppo_fit_with_the_vllm_engine(vllm_model, tmp_path, objective, finetuni
         cli.model.engine.close()
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["--model.objective.init_args.rollout_correction", "sequence_mask"],
+        ["--model.update.old_logprobs", "sampler"],
+    ],
+    ids=["sequence_mask", "old_logprobs_sampler"],
+)
+def test_the_sampler_mismatch_settings_with_the_vllm_engine(vllm_model, tmp_path, settings):
+    cli = lightning_cli(demo_args("grpo", vllm_model, tmp_path, 2, *VLLM_ARGS, *settings))
+    try:
+        assert isinstance(cli.model.engine, VLLMEngine) and cli.trainer.global_step == 2
+        # An fp32 sampler agrees with the policy to rounding: nothing is masked, every weight is 1, and
+        # the per-response KL between the two is at rounding level.
+        mismatch = column(tmp_path, "train/sampler_logprob_mismatch")
+        assert len(mismatch) == 2 and max(mismatch) < 1e-4
+        assert max(column(tmp_path, "train/sampler_kl")) < 1e-6
+        if "sequence_mask" in settings:
+            assert column(tmp_path, "train/is_masked_fraction") == [0.0, 0.0]
+            assert column(tmp_path, "train/is_weight_mean") == [pytest.approx(1.0, abs=1e-4)] * 2
+            assert cli.model.old_policy_forwards == 2  # lp_old from the policy: vLLM is another network
+        else:
+            assert cli.model.old_policy_forwards == 0  # lp_old is vLLM's own: no old-policy forward
+    finally:
+        cli.model.engine.close()
+
+
 def test_a_vision_lora_is_refused_before_anything_runs(vllm_model, tmp_path):
     with pytest.raises(ValueError, match="language model only"):
         lightning_cli(
