@@ -961,7 +961,7 @@ def audit(
         tokenizer,
         maker.views,
         grader=module.eval_grader,
-        reward_model=module.reward_model,
+        reward_model=module.rewards,
         rollout=module.rollout_config,
         samples=samples or module.rollout_config.samples_per_prompt,
         eos_token_ids=eos,

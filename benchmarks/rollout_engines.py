@@ -59,7 +59,8 @@ def main(argv=None) -> None:
 
     from cppo_lightning.engines import HFEngine, VLLMConfig, VLLMEngine
     from cppo_lightning.models import PolicyConfig, load_policy
-    from cppo_lightning.rollout import RolloutConfig, repeat_rows
+    from cppo_lightning.rollout import repeat_rows
+    from cppo_lightning.sampling import RolloutConfig
     from datamodules import SyntheticTaskConfig, SyntheticVQADataModule
 
     policy = load_policy(PolicyConfig(args.model, finetuning=args.finetuning), reference=False)

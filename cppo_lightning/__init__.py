@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CPPOModule": "cppo_lightning.module",
-    "EvaluationConfig": "cppo_lightning.module",
+    "EvaluationConfig": "cppo_lightning.sampling",
     "UpdateConfig": "cppo_lightning.module",
-    "RolloutConfig": "cppo_lightning.rollout",
+    "RolloutConfig": "cppo_lightning.sampling",
     "Rollout": "cppo_lightning.rollout",
     "PolicyConfig": "cppo_lightning.models.loading",
     "LoRAConfig": "cppo_lightning.models.loading",

@@ -57,19 +57,14 @@ from torch import Tensor, nn
 from transformers.generation import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from cppo_lightning.batch import ORIGINAL, PRESERVING, REMOVING, TEXT_KEYS, PromptBatch, concat_vision_inputs
+from cppo_lightning.engines.hf import sampling_mode
 from cppo_lightning.models.scoring import completion_mask
 from cppo_lightning.objectives import ViewRequest, group_advantages, k3_kl, perception_token_mask
 from cppo_lightning.objectives.functional import cpl_direction_indicator
-from cppo_lightning.rollout import (
-    RewardModel,
-    Rollout,
-    RolloutConfig,
-    decode,
-    derived_seed,
-    repeat_rows,
-    reward_inputs,
-    sampling_mode,
-)
+from cppo_lightning.rewards import RewardFunctions, reward_inputs
+from cppo_lightning.rollout import Rollout, decode, repeat_rows
+from cppo_lightning.sampling import RolloutConfig
+from cppo_lightning.seeding import derived_seed
 from cppo_lightning.update import RolloutScorer
 
 __all__ = [
@@ -650,7 +645,7 @@ class PoolAudit:
         tokenizer,
         views: Sequence[AuditView],
         grader: Callable[..., Sequence[float]],
-        reward_model: RewardModel,
+        reward_model: RewardFunctions,
         rollout: RolloutConfig,
         samples: int,
         eos_token_ids: list[int],
@@ -835,7 +830,7 @@ class PoolAudit:
         preserving = [view.name for view in self.views if view.role == PRESERVING]
         removing = [view.name for view in self.views if view.role == REMOVING]
         pools = {view.pool: view.name for view in self.views if view.role == POOL}
-        for micro in scorer.plan(range(len(rollout)), scorer.stacked_rows(requests, every_row)):
+        for micro in scorer.plan(range(len(rollout)), scorer.rows_per_rollout(requests, every_row)):
             inputs = scorer.inputs(micro, requests, every_row, entropy=True)
             groups = [row_groups[row] for row in micro.rows]
             gate = inputs.advantages if self.advantage_gating else None

@@ -31,7 +31,9 @@ ORIGINAL = "original"
 PRESERVING = "preserving"
 REMOVING = "removing"
 MASKED = "masked"
-VIEW_NAMES = (ORIGINAL, PRESERVING, REMOVING, MASKED)
+#: The perturbed views a DataModule makes (every view but the original).
+PERTURBED_VIEWS = (PRESERVING, REMOVING, MASKED)
+VIEW_NAMES = (ORIGINAL, *PERTURBED_VIEWS)
 
 
 @dataclass

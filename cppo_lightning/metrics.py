@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from cppo_lightning.objectives.functional import zero_variance_groups
+
 
 class RewardStatistics(Metric):
     """Mean and (unbiased) standard deviation of rewards, and the fraction of zero-variance groups.
@@ -37,7 +39,7 @@ class RewardStatistics(Metric):
         self.total_squares += (rewards**2).sum()
         self.count += rewards.numel()
         groups = rewards.view(-1, group_size)
-        self.zero_variance_groups += (groups.max(dim=1).values == groups.min(dim=1).values).sum()
+        self.zero_variance_groups += zero_variance_groups(groups).sum()
         self.groups += groups.shape[0]
 
     def compute(self) -> dict[str, Tensor]:

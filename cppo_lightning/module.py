@@ -20,9 +20,9 @@ import copy
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -34,20 +34,12 @@ from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.engines import RolloutEngine, build_engine, check_sampler_logprobs
 from cppo_lightning.metrics import AverageAccuracy, RewardStatistics
 from cppo_lightning.models.grouped import enable_grouped_attention
-from cppo_lightning.models.loading import LoRAConfig, Policy, PolicyConfig, load_policy
+from cppo_lightning.models.loading import Policy, PolicyConfig, load_policy
 from cppo_lightning.objectives import CPPO, Objective, group_advantages
-from cppo_lightning.rewards import DEFAULT_REWARDS, resolve_reward_function
-from cppo_lightning.rollout import (
-    EvaluationSampling,
-    RewardModel,
-    Rollout,
-    RolloutConfig,
-    decode,
-    derived_seed,
-    repeat_rows,
-    reward_inputs,
-    seeded,
-)
+from cppo_lightning.rewards import DEFAULT_REWARDS, RewardFunctions, resolve_reward_function, reward_inputs
+from cppo_lightning.rollout import Rollout, decode, repeat_rows
+from cppo_lightning.sampling import EvaluationConfig, RolloutConfig
+from cppo_lightning.seeding import derived_seed, seeded
 from cppo_lightning.sharding import (
     check_strategy,
     is_model_parallel,
@@ -64,48 +56,12 @@ def default_optimizer(parameters: Iterable[torch.nn.Parameter]) -> torch.optim.O
     return torch.optim.AdamW(parameters, lr=1e-5, weight_decay=0.01)
 
 
-@dataclass
-class EvaluationConfig:
-    """Validation and test: avg@k accuracy.
-
-    Args:
-        samples_per_question: ``k`` samples per question.
-        temperature: sampling temperature (1.0 in the papers' protocol; 0: greedy decoding).
-        top_p: nucleus sampling threshold.
-        max_new_tokens: completion length limit (None: the rollout's).
-        reward: import path of the 0/1 grading function.
-    """
-
-    samples_per_question: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int | None = None
-    reward: str = "cppo_lightning.rewards.accuracy_reward"
-
-    def __post_init__(self) -> None:
-        from cppo_lightning.rollout import sampling_problems
-
-        problems = sampling_problems(
-            self.samples_per_question,
-            self.temperature,
-            self.top_p,
-            self.max_new_tokens,
-            "samples_per_question",
-            greedy=True,
-        )
-        if problems:
-            raise ValueError("evaluation: " + "; ".join(problems))
-
-
 def _as_dataclass(cls, value):
     """A copy of a config dataclass, or one built from a dict."""
     if isinstance(value, cls):
         return copy.deepcopy(value)
     if isinstance(value, Mapping):
-        value = dict(value)
-        if cls is PolicyConfig and isinstance(value.get("lora"), Mapping):
-            value["lora"] = LoRAConfig(**value["lora"])
-        return cls(**value)
+        return cls(**dict(value))  # nested configs (PolicyConfig.lora) convert themselves
     raise TypeError(f"expected a {cls.__name__} or a dict, got {type(value).__name__}")
 
 
@@ -160,7 +116,7 @@ class CPPOModule(pl.LightningModule):
         self.rollout_config = _as_dataclass(RolloutConfig, rollout)
         self.update_config = _as_dataclass(UpdateConfig, update)
         self.evaluation = _as_dataclass(EvaluationConfig, evaluation)
-        self.reward_model = RewardModel(reward_functions or DEFAULT_REWARDS)
+        self.rewards = RewardFunctions(reward_functions or DEFAULT_REWARDS)
         self.eval_grader = resolve_reward_function(self.evaluation.reward)[1]
         # Plain data only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
@@ -170,7 +126,7 @@ class CPPOModule(pl.LightningModule):
                 "rollout": dataclasses.asdict(self.rollout_config),
                 "update": dataclasses.asdict(self.update_config),
                 "evaluation": dataclasses.asdict(self.evaluation),
-                "reward_functions": self.reward_model.specification(),
+                "reward_functions": self.rewards.specification(),
                 "seed": seed,
             }
         )
@@ -201,6 +157,12 @@ class CPPOModule(pl.LightningModule):
                 "(pi_old / pi_sampler) would all be 1 and correct nothing: set one of them to "
                 "policy / none"
             )
+
+    @property
+    def reward_model(self) -> RewardFunctions:
+        """Deprecated name of :attr:`rewards` (the weighted reward functions; not a network)."""
+        warnings.warn("CPPOModule.reward_model is now CPPOModule.rewards", DeprecationWarning, stacklevel=2)
+        return self.rewards
 
     # ------------------------------------------------------------------ set-up
 
@@ -363,7 +325,7 @@ class CPPOModule(pl.LightningModule):
         example_rows, completion, mask, texts, sampler_logprobs = self._sample(
             batch, group, self.rollout_config
         )
-        rewards, terms = self.reward_model(batch, example_rows, texts)
+        rewards, terms = self.rewards(batch, example_rows, texts)
         rewards = rewards.to(self.device)
         advantages = group_advantages(rewards, group, scale=self.objective.advantage_scale)
         return Rollout(
@@ -509,18 +471,8 @@ class CPPOModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def _evaluation_step(self, stage: str, batch: PromptBatch, batch_idx: int, dataloader_idx: int) -> None:
-        evaluation = self.evaluation
-        k = evaluation.samples_per_question
-        config = EvaluationSampling(
-            samples_per_prompt=k,
-            temperature=evaluation.temperature,
-            top_p=evaluation.top_p,
-            max_new_tokens=evaluation.max_new_tokens or self.rollout_config.max_new_tokens,
-            engine=self.rollout_config.engine,
-            vllm=self.rollout_config.vllm,
-            # The bound on rows decoded at once is the card's, not the stage's.
-            generation_rollouts=self.rollout_config.generation_rollouts,
-        )
+        k = self.evaluation.samples_per_question
+        config = self.evaluation.sampling(self.rollout_config)
         with seeded(derived_seed(self.seed, self.global_rank, stage, dataloader_idx, batch_idx), self.device):
             example_rows, completion, mask, texts, _ = self._sample(batch, k, config)
         # The dataset's columns too (benchmarks: choices, multiple_choice), as a reward function gets them.

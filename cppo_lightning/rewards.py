@@ -21,9 +21,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import numbers
 import re
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
 
 from cppo_lightning.graders import (
     get_grader,
@@ -33,12 +38,12 @@ from cppo_lightning.graders import (
     parse_choices,
 )
 
+if TYPE_CHECKING:
+    from cppo_lightning.batch import PromptBatch
+
 # The release's pattern, matched with fullmatch: nothing (not even whitespace) before <think>.
 _FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
 _BOXED_NONE = re.compile(r"\\boxed\{\s*None\s*\}")
-
-#: The earlier grader, kept under its old name: exact match after normalisation, then math-verify.
-answers_match = math_verify_grade
 
 
 class RewardFunction(Protocol):
@@ -228,7 +233,6 @@ __all__ = [
     "DEFAULT_REWARDS",
     "RewardFunction",
     "accuracy_reward",
-    "answers_match",
     "choice_accuracy_reward",
     "extract_boxed",
     "format_reward",
@@ -239,3 +243,126 @@ __all__ = [
     "resolve_reward_function",
     "short_name",
 ]
+
+
+# ---------------------------------------------------------------------------------- weighted sum
+
+
+class RewardFunctions:
+    """Weighted reward functions, called with the prompts, completions, answers and dataset columns.
+
+    Args:
+        functions: import path (or callable) -> weight.
+    """
+
+    def __init__(self, functions: Mapping[str | Callable, float]) -> None:
+        if not functions:
+            raise ValueError("at least one reward function is needed")
+        self.functions: list[tuple[str, Callable, float]] = []
+        self.paths: list[str] = []
+        for spec, weight in functions.items():
+            name, function = resolve_reward_function(spec)
+            self.functions.append((short_name(name), function, float(weight)))
+            self.paths.append(
+                spec if isinstance(spec, str) else f"{function.__module__}.{function.__qualname__}"
+            )
+
+    def specification(self) -> dict[str, float]:
+        """Import path -> weight (what the YAML says; callables by their qualified name)."""
+        return {path: weight for path, (_, _, weight) in zip(self.paths, self.functions)}
+
+    def __call__(
+        self, batch: PromptBatch, example_rows: Tensor, completions: list[str]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Rewards of completions of the batch's prompts.
+
+        Args:
+            batch: the prompts.
+            example_rows: [N] prompt index of each completion.
+            completions: N decoded completions.
+
+        Returns:
+            ``(rewards [N], terms)``: the weighted sum and each function's values.
+
+        Raises:
+            RuntimeError: a reward function raised (the message names it).
+            TypeError: a reward function returned something other than numbers (None, strings ...); the
+                message names the function and shows the value.
+            ValueError: a reward function returned the wrong number of values or a non-finite one.
+        """
+        prompts, columns = reward_inputs(batch, example_rows)
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        terms = {}
+        for name, function, weight in self.functions:
+            try:
+                values = function(prompts, completions, **columns)
+            except Exception as error:
+                raise RuntimeError(
+                    f"reward function {name!r} raised {type(error).__name__}: {error}"
+                ) from error
+            values = _reward_values(name, values, len(completions))
+            if not torch.isfinite(values).all():
+                raise ValueError(f"reward function {name!r} returned non-finite values: {values.tolist()}")
+            terms[name] = values
+            total += weight * values
+        return total, terms
+
+
+def reward_inputs(batch: PromptBatch, example_rows: Tensor) -> tuple[list[str], dict[str, list]]:
+    """What a reward function is called with besides the completions, one entry per completion.
+
+    Args:
+        batch: the prompts.
+        example_rows: [N] prompt index of each completion.
+
+    Returns:
+        ``(prompts, columns)``: the questions, and ``answers``, ``ids`` and every metadata column of the
+        batch (None where an example lacks it), for ``fn(prompts, completions, **columns)``.
+    """
+    rows = example_rows.tolist()
+    columns: dict[str, list] = {
+        "answers": [batch.answers[i] for i in rows],
+        "ids": [batch.ids[i] for i in rows],
+    }
+    for key in sorted({key for metadata in batch.metadata for key in metadata}):
+        columns.setdefault(key, [batch.metadata[i].get(key) for i in rows])
+    return [batch.questions[i] if batch.questions else "" for i in rows], columns
+
+
+def _reward_values(name: str, values, expected: int) -> Tensor:
+    """``values`` as a float tensor of ``expected`` numbers, or an error naming the function and the value."""
+    shown = repr(values) if len(repr(values)) <= 200 else repr(values)[:200] + "..."
+    if isinstance(values, (Tensor, np.ndarray)):
+        values = values.tolist() if values.ndim == 1 else values
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(
+            f"reward function {name!r} returned {shown} ({type(values).__name__}); it must return a list of "
+            f"{expected} numbers, one per completion"
+        )
+    if len(values) != expected:
+        raise ValueError(
+            f"reward function {name!r} returned {len(values)} values for {expected} completions: {shown}"
+        )
+    for index, value in enumerate(values):
+        if isinstance(value, (Tensor, np.ndarray)) and getattr(value, "ndim", 1) == 0:
+            value = value.item()
+        if not isinstance(value, numbers.Real):  # None, strings, nested lists; bool is a Real (0/1)
+            raise TypeError(
+                f"reward function {name!r} returned {shown}: value {index} is {value!r} "
+                f"({type(value).__name__}), not a number"
+            )
+    return torch.as_tensor([float(value) for value in values], dtype=torch.float32)
+
+
+def __getattr__(name: str):
+    # The earlier grader's old name, importable for one version.
+    if name == "answers_match":
+        import warnings
+
+        warnings.warn(
+            "cppo_lightning.rewards.answers_match is deprecated: use cppo_lightning.graders.math_verify_grade",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return math_verify_grade
+    raise AttributeError(f"module 'cppo_lightning.rewards' has no attribute {name!r}")

@@ -448,7 +448,7 @@ class RolloutScorer:
 
     # ---- plans ----------------------------------------------------------------------------
 
-    def stacked_rows(self, requests: Sequence[ViewRequest], view_rows: Tensor) -> list[int]:
+    def rows_per_rollout(self, requests: Sequence[ViewRequest], view_rows: Tensor) -> list[int]:
         """Rows each rollout row adds to a stacked forward: 1 + its with-gradient views."""
         extra = sum(1 for request in requests if request.with_grad)
         return [1 + (extra if bool(has) else 0) for has in view_rows.tolist()]
@@ -1078,7 +1078,7 @@ class PolicyUpdate:
     def plan(self, scorer: RolloutScorer, rows: list[int]) -> tuple[list[MicroBatch], BatchCounts, float]:
         """Micro-batches of one mini-batch (the same number on every rank) and its counts."""
         needs = self.requirements
-        stacked = scorer.stacked_rows(list(needs.views), needs.view_rows)
+        stacked = scorer.rows_per_rollout(list(needs.views), needs.view_rows)
         plans = scorer.plan(rows, stacked)
         collective = self.collective
         if collective.world_size > 1:

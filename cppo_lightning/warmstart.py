@@ -18,7 +18,7 @@ from typing_extensions import override
 from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.models.loading import Policy, PolicyConfig, load_policy
 from cppo_lightning.models.scoring import completion_logits
-from cppo_lightning.rollout import derived_seed, seeded
+from cppo_lightning.seeding import derived_seed, seeded
 
 #: The supervised target: the release's format with a short, generic reasoning.
 DEFAULT_TARGET = "<think> I look at the shapes in the image. </think> \\boxed{{{answer}}}"

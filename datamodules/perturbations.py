@@ -35,13 +35,13 @@ from albumentations.core.type_definitions import Targets
 from PIL import Image
 from pydantic import Field, field_validator
 
-from cppo_lightning.batch import MASKED, PRESERVING, REMOVING
+from cppo_lightning.batch import MASKED, PERTURBED_VIEWS, PRESERVING, REMOVING
 
 __all__ = [
     "MASKED",
     "PRESERVING",
     "REMOVING",
-    "VIEW_NAMES",
+    "PERTURBED_VIEWS",
     "PerturbationPool",
     "RandomPatchMasking",
     "RandomPerspective",
@@ -59,8 +59,21 @@ __all__ = [
     "to_rgb_array",
 ]
 
-# The perturbed views, named once for the whole project (``I+``, ``I-`` and PAPO's masked view).
-VIEW_NAMES = (PRESERVING, REMOVING, MASKED)
+
+def __getattr__(name: str):
+    # VIEW_NAMES named two different sets (here without the original, in cppo_lightning.batch with it).
+    if name == "VIEW_NAMES":
+        import warnings
+
+        warnings.warn(
+            "datamodules.perturbations.VIEW_NAMES is now PERTURBED_VIEWS (cppo_lightning.batch.VIEW_NAMES "
+            "includes the original view)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return PERTURBED_VIEWS
+    raise AttributeError(f"module 'datamodules.perturbations' has no attribute {name!r}")
+
 
 ViewName = Literal["preserving", "removing", "masked"]
 
@@ -525,7 +538,7 @@ class PerturbationPool:
     ):
         if transforms is None:
             if view not in _DEFAULT_TRANSFORMS:
-                raise ValueError(f"no default transforms for view {view!r}; known views: {VIEW_NAMES}")
+                raise ValueError(f"no default transforms for view {view!r}; known views: {PERTURBED_VIEWS}")
             transforms = _DEFAULT_TRANSFORMS[view]()
         transforms = list(transforms)
         if not transforms:
@@ -645,9 +658,9 @@ class ViewMaker:
         removing: PerturbationPool | None = None,
         masked: PerturbationPool | None = None,
     ):
-        unknown = [v for v in views if v not in VIEW_NAMES]
+        unknown = [v for v in views if v not in PERTURBED_VIEWS]
         if unknown:
-            raise ValueError(f"unknown views {unknown}; known views: {VIEW_NAMES}")
+            raise ValueError(f"unknown views {unknown}; known views: {PERTURBED_VIEWS}")
         self.views = tuple(dict.fromkeys(views))
         given = {PRESERVING: preserving, REMOVING: removing, MASKED: masked}
         self.pools: dict[str, PerturbationPool] = {}

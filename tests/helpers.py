@@ -197,7 +197,7 @@ def small_module(model_folder, objective=None, **kwargs):
     """A CPPOModule sized for tests: G=4, 12 new tokens, one micro-batch, avg@2, a reward that varies."""
     from cppo_lightning.models import PolicyConfig
     from cppo_lightning.module import CPPOModule, EvaluationConfig, UpdateConfig
-    from cppo_lightning.rollout import RolloutConfig
+    from cppo_lightning.sampling import RolloutConfig
 
     kwargs.setdefault("rollout", RolloutConfig(samples_per_prompt=4, max_new_tokens=12))
     kwargs.setdefault("update", UpdateConfig(micro_batch_rollouts=8))

@@ -295,7 +295,7 @@ def test_checkpoint_hyperparameters_are_plain_data(tiny_qwen, tmp_path):
     module = CPPOModule.load_from_checkpoint(path)
     assert isinstance(module.objective, CPPO) and module.objective.tau == 0.2
     assert module.policy_config.model_name_or_path == str(tiny_qwen)
-    assert module.reward_model.specification() == {
+    assert module.rewards.specification() == {
         "cppo_lightning.rewards.accuracy_reward": 0.9,
         "cppo_lightning.rewards.format_reward": 0.1,
     }

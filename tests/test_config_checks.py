@@ -9,7 +9,8 @@ import torch
 from cli import lightning_cli
 from cppo_lightning.models import LoRAConfig, PolicyConfig
 from cppo_lightning.module import EvaluationConfig
-from cppo_lightning.rollout import RewardModel, RolloutConfig
+from cppo_lightning.rewards import RewardFunctions
+from cppo_lightning.sampling import RolloutConfig
 from datamodules import DataSource, SyntheticVQADataModule, VisualQADataModule
 from helpers import demo_args
 
@@ -73,7 +74,7 @@ def test_cppo_fit_refuses_them_before_loading_anything(
 
 
 def batch(count):
-    """What RewardModel reads of a PromptBatch: one prompt, its answer and id."""
+    """What RewardFunctions reads of a PromptBatch: one prompt, its answer and id."""
     return SimpleNamespace(
         answers=["3"] * count,
         ids=[f"q{i}" for i in range(count)],
@@ -124,13 +125,13 @@ def returns_tensor(prompts, completions, answers, **columns):
     ],
 )
 def test_a_bad_reward_value_names_the_function_and_the_value(function, error, message):
-    model = RewardModel({function: 1.0})
+    model = RewardFunctions({function: 1.0})
     with pytest.raises(error, match=message):
         model(batch(1), torch.tensor([0, 0]), ["a", "b"])
 
 
 def test_numbers_in_any_container_are_accepted(tiny_qwen):
-    rewards, terms = RewardModel({returns_tensor: 2.0})(batch(1), torch.tensor([0, 0]), ["a", "b"])
+    rewards, terms = RewardFunctions({returns_tensor: 2.0})(batch(1), torch.tensor([0, 0]), ["a", "b"])
     assert rewards.tolist() == [1.0, 2.0] and terms["returns_tensor"].tolist() == [0.5, 1.0]
 
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cppo_lightning.graders import math_verify_grade
 from cppo_lightning.rewards import (
     accuracy_reward,
-    answers_match,
     extract_boxed,
     format_reward,
     normalize_answer,
@@ -55,7 +55,14 @@ def test_extract_boxed_returns_what_was_boxed(content):
     ],
 )
 def test_answers_match(predicted, reference, expected):
-    assert answers_match(predicted, reference) is expected
+    assert math_verify_grade(predicted, reference) is expected
+
+
+def test_the_old_name_answers_match_warns_and_still_grades():
+    import cppo_lightning.rewards as rewards
+
+    with pytest.warns(DeprecationWarning, match="math_verify_grade"):
+        assert rewards.answers_match("1/2", "0.5") is True
 
 
 def test_accuracy_reward_grades_the_last_box():

@@ -19,7 +19,7 @@ from cppo_lightning.engines.config import VLLMConfig
 
 if TYPE_CHECKING:
     from cppo_lightning.models.loading import Policy
-    from cppo_lightning.rollout import RolloutConfig
+    from cppo_lightning.sampling import RolloutConfig
 
 ENGINES = ("hf", "vllm")
 

@@ -11,7 +11,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from cppo_lightning.batch import PromptBatch
     from cppo_lightning.models.loading import Policy
-    from cppo_lightning.rollout import RolloutConfig
+    from cppo_lightning.sampling import RolloutConfig
 
 
 @dataclass

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 
 import torch
-from torch import Tensor
-from transformers import LogitsProcessor
+from torch import Tensor, nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.engines.base import Generation, eos_and_pad
 from cppo_lightning.models.loading import Policy
-from cppo_lightning.models.scoring import LanguageModelHead
-from cppo_lightning.rollout import RolloutConfig, generate, sampling_mode
+from cppo_lightning.models.scoring import LanguageModelHead, completion_mask
+from cppo_lightning.sampling import RolloutConfig
 from cppo_lightning.sharding import run_gathered
 
 
@@ -90,6 +90,57 @@ class HFEngine:
 
     def sync(self, policy: Policy) -> None:
         """Nothing to do: the sampler is the policy."""
+
+
+@contextmanager
+def sampling_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradient for ``generate``; the previous mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: nn.Module,
+    inputs: Mapping[str, Tensor],
+    config: RolloutConfig,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    synced_gpus: bool = False,
+    samples: int = 1,
+    logits_processor: list | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sample ``samples`` completions per input row (consecutive rows of the output).
+
+    ``generate`` encodes each row's image and prefills its prompt once, then expands the batch ``samples``
+    times: the same completions as ``samples`` repeated input rows, at a fraction of the prefill.
+    ``logits_processor``: transformers logits processors run at every decoding step, after the
+    generation config's own and before the sampling warpers (temperature, top-k, top-p).
+
+    Returns:
+        ``(completion_ids [R, C], completion_mask [R, C])``.
+    """
+    sampling = config.temperature > 0
+    kwargs = dict(do_sample=sampling, max_new_tokens=config.max_new_tokens, use_cache=True)
+    if config.min_new_tokens:
+        kwargs["min_new_tokens"] = config.min_new_tokens
+    if sampling:
+        kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+    if samples > 1 and sampling:
+        kwargs["num_return_sequences"] = samples
+    if logits_processor:
+        kwargs["logits_processor"] = LogitsProcessorList(logits_processor)
+    sequences = model.generate(
+        **inputs, eos_token_id=eos_token_ids, pad_token_id=pad_token_id, synced_gpus=synced_gpus, **kwargs
+    )
+    if samples > 1 and not sampling:  # greedy: the samples of a prompt are one completion, decoded once
+        sequences = sequences.repeat_interleave(samples, dim=0)
+    completion = sequences[:, inputs["input_ids"].shape[1] :]
+    return completion, completion_mask(completion, eos_token_ids)
 
 
 class SampledTokenLogprobs(LogitsProcessor):

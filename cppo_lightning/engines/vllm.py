@@ -36,7 +36,8 @@ from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.engines.base import Generation, device_of, eos_and_pad, suppressed_tokens
 from cppo_lightning.engines.config import VLLMConfig
 from cppo_lightning.models.loading import Policy, resolve_model_path
-from cppo_lightning.rollout import RolloutConfig, derived_seed
+from cppo_lightning.sampling import RolloutConfig
+from cppo_lightning.seeding import derived_seed
 from cppo_lightning.sharding import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)

@@ -447,9 +447,7 @@ def load_policy(
     """
     from cppo_lightning.models.processors import load_processor
 
-    if config.finetuning not in ("lora", "qlora", "full"):
-        raise ValueError(f"finetuning must be 'lora', 'qlora' or 'full', got {config.finetuning!r}")
-    model = load_model(config, device_map=device_map)
+    model = load_model(config, device_map=device_map)  # config.finetuning was checked when it was built
     if processor is None:
         processor = load_processor(config.model_name_or_path, config.revision, config.trust_remote_code)
 

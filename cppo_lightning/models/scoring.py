@@ -20,10 +20,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cppo_lightning.architectures import TEXT_KEYS, architecture_of
-from cppo_lightning.objectives.functional import log_softmax_at, softmax_entropy
-
-# Logits (fp32 elements) of one head chunk when no chunk size is given: 2**25 elements = 128 MiB.
-DEFAULT_CHUNK_ELEMENTS = 2**25
+from cppo_lightning.objectives.functional import (
+    DEFAULT_CHUNK_ELEMENTS,
+    full_kl,
+    log_softmax_at,
+    softmax_entropy,
+)
 
 
 def completion_mask(completion_ids: Tensor, eos_token_ids: Iterable[int]) -> Tensor:
@@ -276,7 +278,7 @@ def score_positions(
 def _divergence_chunk(head: LanguageModelHead, anchor: Tensor, other: Tensor, temperature: float) -> Tensor:
     log_p = torch.log_softmax(head.logits(anchor) / temperature, dim=-1)
     log_q = torch.log_softmax(head.logits(other) / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    return full_kl(log_p, log_q)
 
 
 def divergence_positions(

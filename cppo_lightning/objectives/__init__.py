@@ -30,7 +30,6 @@ from cppo_lightning.objectives.objectives import (
     CPPO,
     GRPO,
     MASKED,
-    OBJECTIVES,
     PAPO,
     PRESERVING,
     REMOVING,
@@ -41,7 +40,6 @@ from cppo_lightning.objectives.objectives import (
     TokenSelection,
     ViewRequest,
     ViewScores,
-    build_objective,
 )
 
 __all__ = [
@@ -72,7 +70,6 @@ __all__ = [
     "CPPO",
     "GRPO",
     "MASKED",
-    "OBJECTIVES",
     "PAPO",
     "PRESERVING",
     "REMOVING",
@@ -83,5 +80,26 @@ __all__ = [
     "TokenSelection",
     "ViewRequest",
     "ViewScores",
-    "build_objective",
 ]
+
+
+def _build_objective(name: str, **kwargs):
+    registry = {"grpo": GRPO, "cppo": CPPO, "papo": PAPO}
+    if name.lower() not in registry:
+        raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(registry)}")
+    return registry[name.lower()](**kwargs)
+
+
+def __getattr__(name: str):
+    # Removed in 0.3 (nothing used them: YAML names the class), importable for one version.
+    if name in ("OBJECTIVES", "build_objective"):
+        import warnings
+
+        warnings.warn(
+            f"cppo_lightning.objectives.{name} is deprecated and goes in the next version: name the class "
+            "(GRPO, CPPO, PAPO) or use Objective.from_config",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return {"grpo": GRPO, "cppo": CPPO, "papo": PAPO} if name == "OBJECTIVES" else _build_objective
+    raise AttributeError(f"module 'cppo_lightning.objectives' has no attribute {name!r}")

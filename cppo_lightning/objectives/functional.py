@@ -1,6 +1,9 @@
 """Pure tensor functions behind GRPO, CPPO and PAPO.
 
 Every function here takes tensors and plain numbers and returns tensors; nothing keeps state.
+Tensor shapes are checked here (free, no device sync), and a string that picks a code path must name one;
+the numeric hyperparameters (``tau > 0``, ``top_ratio`` in (0, 1], ``dual_clip > 1``, the correction's
+cap and band) are preconditions, checked once where they are configured (the objective classes).
 Shapes use ``R`` for rows (one row = one rollout of the micro-batch), ``T`` for response
 positions, ``V`` for the vocabulary, ``N`` for prompts and ``G`` for rollouts per prompt.
 Log-probs are natural-log probabilities of the sampled tokens. The algorithm and every default
@@ -27,6 +30,7 @@ __all__ = [
     "check_finite",
     "check_same_shape",
     "group_advantages",
+    "zero_variance_groups",
     "token_logprobs",
     "token_entropy",
     "log_softmax_at",
@@ -213,8 +217,13 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "std") -> Te
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale == "std":
         centred = centred / (grouped.std(dim=1, unbiased=True, keepdim=True) + ADVANTAGE_EPS)
-    constant = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
-    return centred.masked_fill(constant, 0.0).view(-1)
+    return centred.masked_fill(zero_variance_groups(grouped).unsqueeze(1), 0.0).view(-1)
+
+
+def zero_variance_groups(grouped: Tensor) -> Tensor:
+    """[N] bool, the groups of ``grouped`` [N, G] whose rewards are all equal (their advantages are 0:
+    GRPO learns nothing from them)."""
+    return (grouped == grouped[:, :1]).all(dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,8 +603,6 @@ def clipped_policy_loss(
     adv = _row_advantages(advantages, logprobs)
     if aggregation == "micro-batch-token-mean" and counts is not None:
         counts = counts.local()
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be greater than 1 (or None), got {dual_clip}")
 
     ratio = torch.exp((logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     adv = adv.detach()
@@ -713,8 +720,6 @@ def perception_token_mask(
     """
     check_same_shape(entropy=entropy, entropy_removed=entropy_removed, response_mask=response_mask)
     _check_rank("entropy", entropy, 2, "[R, T]")
-    if not 0.0 < top_ratio <= 1.0:
-        raise ValueError(f"top_ratio must be in (0, 1], got {top_ratio}")
     entropy, entropy_removed = entropy.detach().float(), entropy_removed.detach().float()
     response = response_mask.bool()
     if entropy.shape[-1] == 0:
@@ -755,17 +760,18 @@ def contrastive_perception_loss(
     ``cpl = softplus((D+ - D-) / tau)``, ``L = sum(M * cpl) / max(sum(M), 1)``. Pulls the
     information-preserving view towards the original and pushes the information-removing view
     away. All three inputs receive gradient (no stop-gradient on any branch, as in the
-    release). ``L`` is 0 when ``M`` selects nothing and stays connected to the graph.
+    release). ``L`` is 0 when ``M`` selects nothing and stays connected to the graph. The divergences
+    are the k3 estimates at the sampled tokens; for the exact full-vocabulary KL (the ``full_kl``
+    ablation) pass ``full_kl`` of the log-distributions to
+    :func:`contrastive_perception_loss_from_divergences` (the update computes them chunk by chunk).
 
     Args:
-        logprobs (Tensor): ``lp^I``: [R, T] sampled-token log-probs (``divergence="k3"``) or
-            [R, T, V] log-distributions (``divergence="full_kl"``).
+        logprobs (Tensor): ``lp^I``: [R, T] sampled-token log-probs.
         logprobs_preserving (Tensor): ``lp^{I+}``, same shape.
         logprobs_removing (Tensor): ``lp^{I-}``, same shape.
         mask (Tensor): [R, T] bool perception-token mask ``M``.
         tau: Temperature, positive.
-        divergence: ``"k3"`` (sampled-token estimate, default) or ``"full_kl"`` (exact
-            full-vocabulary KL; ablation).
+        divergence: ``"k3"`` (the only one here; ``"full_kl"`` is an error naming the function above).
         counts: The mini-batch's denominators; ``sum(M)`` is then the mini-batch's count
             ``counts.totals[count_key]`` (None: this call's own mask).
         count_key: Which total counts the selected tokens.
@@ -775,23 +781,20 @@ def contrastive_perception_loss(
         ``M``, 0 when empty): ``cpl``, ``divergence_preserving``, ``divergence_removing``,
         ``cpl_direction``.
     """
-    _check_choice("divergence", divergence, DIVERGENCES)
+    if divergence == "full_kl":
+        raise ValueError(
+            "contrastive_perception_loss takes sampled-token log-probs (k3); for the exact KL pass "
+            "full_kl(lp, lp_plus) and full_kl(lp, lp_minus) to contrastive_perception_loss_from_divergences"
+        )
+    _check_choice("divergence", divergence, ("k3",))
     check_same_shape(
-        logprobs=logprobs, logprobs_preserving=logprobs_preserving, logprobs_removing=logprobs_removing
+        logprobs=logprobs,
+        logprobs_preserving=logprobs_preserving,
+        logprobs_removing=logprobs_removing,
+        mask=mask,
     )
-    if divergence == "k3":
-        check_same_shape(logprobs=logprobs, mask=mask)
-        d_plus = k3_kl(logprobs, logprobs_preserving)
-        d_minus = k3_kl(logprobs, logprobs_removing)
-    else:
-        _check_rank("logprobs", logprobs, 3, "[R, T, V] for divergence='full_kl'")
-        if mask.shape != logprobs.shape[:2]:
-            raise ValueError(
-                f"mask has shape {tuple(mask.shape)} but logprobs has shape {tuple(logprobs.shape)}; "
-                "expected mask [R, T] for log-distributions [R, T, V]"
-            )
-        d_plus = full_kl(logprobs, logprobs_preserving)
-        d_minus = full_kl(logprobs, logprobs_removing)
+    d_plus = k3_kl(logprobs, logprobs_preserving)
+    d_minus = k3_kl(logprobs, logprobs_removing)
     return contrastive_perception_loss_from_divergences(d_plus, d_minus, mask, tau, counts, count_key)
 
 
@@ -818,8 +821,6 @@ def contrastive_perception_loss_from_divergences(
         ``divergence_preserving``, ``divergence_removing`` and ``cpl_direction`` (the fraction of
         ``M`` with ``D+ < D-``).
     """
-    if not tau > 0:
-        raise ValueError(f"tau must be positive, got {tau}")
     check_same_shape(
         divergence_preserving=divergence_preserving, divergence_removing=divergence_removing, mask=mask
     )

@@ -59,8 +59,6 @@ __all__ = [
     "GRPO",
     "CPPO",
     "PAPO",
-    "OBJECTIVES",
-    "build_objective",
 ]
 
 
@@ -805,22 +803,3 @@ class PAPO(GRPO):
             loss = loss + entropy_loss
             metrics.update(entropy_metrics)
         return loss, metrics, {}
-
-
-OBJECTIVES: dict[str, type[Objective]] = {"grpo": GRPO, "cppo": CPPO, "papo": PAPO}
-
-
-def build_objective(name: str, **kwargs: Any) -> Objective:
-    """Build an objective by registry name.
-
-    Args:
-        name: ``"grpo"``, ``"cppo"`` or ``"papo"`` (case-insensitive).
-        **kwargs: Constructor arguments of that objective.
-
-    Returns:
-        Objective: the configured objective.
-    """
-    key = name.lower()
-    if key not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[key](**kwargs)

@@ -20,9 +20,9 @@ from PIL import Image
 
 from datamodules.perturbations import (
     MASKED,
+    PERTURBED_VIEWS,
     PRESERVING,
     REMOVING,
-    VIEW_NAMES,
     PerturbationPool,
     RandomPatchMasking,
     RandomPerspective,
@@ -240,7 +240,7 @@ def test_yaml_with_unknown_argument_names_is_rejected(old, new):
 
 def test_same_key_same_view_new_epoch_new_view():
     image = noise_image(64, 80, seed=3)
-    for view in VIEW_NAMES:
+    for view in PERTURBED_VIEWS:
         first, second = PerturbationPool(view=view), PerturbationPool(view=view)
         changed = 0
         for i in range(20):

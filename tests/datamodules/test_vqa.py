@@ -506,7 +506,7 @@ class RecordViews(pl.Callback):
 
 def test_a_real_fit_hands_the_module_its_views(tiny_qwen, parquet_source):
     from cppo_lightning.module import UpdateConfig
-    from cppo_lightning.rollout import RolloutConfig
+    from cppo_lightning.sampling import RolloutConfig
 
     module = CPPOModule(
         policy=PolicyConfig(str(tiny_qwen)),

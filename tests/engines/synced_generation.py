@@ -14,7 +14,8 @@ import torch.distributed as dist
 def main(model_folder: str, output: str) -> None:
     from cppo_lightning.engines import HFEngine
     from cppo_lightning.models import PolicyConfig, load_policy
-    from cppo_lightning.rollout import EvaluationSampling, repeat_rows
+    from cppo_lightning.rollout import repeat_rows
+    from cppo_lightning.sampling import EvaluationSampling
     from datamodules import SyntheticTaskConfig, SyntheticVQADataModule
     from helpers import count_generate_calls
 

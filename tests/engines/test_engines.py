@@ -176,7 +176,8 @@ def test_generation_in_calls_of_at_most_generation_rollouts_rows_gives_the_same_
     One token greedy decoding often picks is made an end-of-sequence token, so rows end at different
     lengths, and a call whose rows all end early returns a narrower block, which is padded back.
     """
-    from cppo_lightning.rollout import EvaluationSampling, repeat_rows
+    from cppo_lightning.rollout import repeat_rows
+    from cppo_lightning.sampling import EvaluationSampling
 
     policy = load_policy(PolicyConfig(str(vllm_model), finetuning="full"), reference=False)
     rows = repeat_rows(prompts, 2, torch.device("cpu"))
@@ -208,7 +209,8 @@ def test_the_hf_engine_reports_the_log_probs_the_update_scores(
 ):
     """Recorded while sampling, one step behind: equal to a re-scoring forward to float rounding, also
     across calls of ``generation_rollouts`` rows padded to one width, and at another temperature."""
-    from cppo_lightning.rollout import RolloutConfig, repeat_rows
+    from cppo_lightning.rollout import repeat_rows
+    from cppo_lightning.sampling import RolloutConfig
 
     policy = load_policy(PolicyConfig(str(vllm_model), finetuning="full"), reference=False)
     rows = repeat_rows(prompts, 2, torch.device("cpu"))
@@ -239,7 +241,7 @@ def eos_and_pad_ids(config):
 
 
 def test_generation_rollouts_is_checked_at_start_up():
-    from cppo_lightning.rollout import RolloutConfig
+    from cppo_lightning.sampling import RolloutConfig
 
     with pytest.raises(ValueError, match="generation_rollouts must be an integer >= 1"):
         RolloutConfig(generation_rollouts=0)
@@ -297,7 +299,7 @@ def test_synced_generation_makes_as_many_calls_on_every_rank(vllm_model, tmp_pat
 
 def test_validation_generates_within_the_rollouts_generation_bound(tiny_qwen):
     """generation_rollouts bounds the rows decoded at once in validation too: the card's limit, not the stage's."""
-    from cppo_lightning.rollout import RolloutConfig
+    from cppo_lightning.sampling import RolloutConfig
 
     module = small_module(
         tiny_qwen, rollout=RolloutConfig(samples_per_prompt=4, max_new_tokens=6, generation_rollouts=3)

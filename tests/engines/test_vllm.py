@@ -24,7 +24,8 @@ from cppo_lightning.batch import ORIGINAL, REMOVING  # noqa: E402
 from cppo_lightning.engines import HFEngine, VLLMConfig, VLLMEngine  # noqa: E402
 from cppo_lightning.engines.base import suppressed_tokens  # noqa: E402
 from cppo_lightning.models import PolicyConfig, load_policy  # noqa: E402
-from cppo_lightning.rollout import EvaluationSampling, RolloutConfig, repeat_rows  # noqa: E402
+from cppo_lightning.rollout import repeat_rows  # noqa: E402
+from cppo_lightning.sampling import EvaluationSampling, RolloutConfig  # noqa: E402
 from helpers import mean_gap, policy_logprobs, supervised_step  # noqa: E402
 
 pytestmark = pytest.mark.vllm

@@ -18,7 +18,8 @@ pytest.importorskip(
 from cli import lightning_cli  # noqa: E402
 from cppo_lightning.engines import HFEngine, VLLMConfig, VLLMEngine  # noqa: E402
 from cppo_lightning.models import PolicyConfig, load_policy  # noqa: E402
-from cppo_lightning.rollout import EvaluationSampling, repeat_rows  # noqa: E402
+from cppo_lightning.rollout import repeat_rows  # noqa: E402
+from cppo_lightning.sampling import EvaluationSampling  # noqa: E402
 from helpers import VARIED_REWARD, demo_args, supervised_step  # noqa: E402
 
 pytestmark = pytest.mark.vllm

@@ -16,7 +16,8 @@ from cppo_lightning.batch import ORIGINAL, PRESERVING, REMOVING, concat_vision_i
 from cppo_lightning.models import PolicyConfig, completion_mask, load_policy, load_processor, vision_tower
 from cppo_lightning.models.tiny import _BUILDERS
 from cppo_lightning.module import UpdateConfig
-from cppo_lightning.rollout import Rollout, RolloutConfig
+from cppo_lightning.rollout import Rollout
+from cppo_lightning.sampling import RolloutConfig
 from cppo_lightning.update import RolloutScorer
 from helpers import prompt_batch, quiet_trainer, random_images, small_module
 

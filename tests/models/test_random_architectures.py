@@ -15,7 +15,7 @@ from cppo_lightning.models.tiny import (
     resolve_random_spec,
 )
 from cppo_lightning.objectives import CPPO
-from cppo_lightning.rollout import RolloutConfig
+from cppo_lightning.sampling import RolloutConfig
 from helpers import HandWrittenDataModule, quiet_trainer
 
 

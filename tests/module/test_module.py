@@ -8,7 +8,7 @@ import torch
 
 from cppo_lightning.module import EvaluationConfig, UpdateConfig
 from cppo_lightning.objectives import GRPO
-from cppo_lightning.rollout import RolloutConfig
+from cppo_lightning.sampling import RolloutConfig
 from datamodules import SyntheticTaskConfig, SyntheticVQADataModule
 from helpers import HandWrittenDataModule, quiet_trainer, small_module
 
