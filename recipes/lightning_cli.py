@@ -140,7 +140,7 @@ class CPPOLightningCLI(LightningCLI):
     def before_fit(self) -> None:
         """Lock the run folder (one writer), then keep a resumed run's metrics file (Lightning's CSV writer
         deletes it in an existing folder)."""
-        from callbacks.run_lock import RunLock
+        from recipes.run_lock import RunLock
 
         if self.trainer.loggers and self.trainer.is_global_zero and self.trainer.log_dir:
             self.run_lock = RunLock(self.trainer.log_dir).acquire()
