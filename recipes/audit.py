@@ -27,15 +27,12 @@ def audit(
     output: str | Path | None = None,
     *,
     examples: int = 256,
-    samples: int | None = None,
     batch_size: int | None = None,
     split: str = "train",
     candidates: str | Path | None = None,
     group_by: str | None = "family",
     device: str | None = None,
-    rule=None,
-    view_accuracy: bool = True,
-    max_generate_rows: int | None = None,
+    **measure,
 ):
     """Audit the perturbation pools of a training config before training (``cppo audit``).
 
@@ -49,15 +46,16 @@ def audit(
         args: LightningCLI arguments, as for ``fit`` (``["--config", "configs/demo/cppo.yaml", ...]``).
         output: report folder (default ``runs/audit/<config name>``).
         examples: questions audited (the first ones of the split).
-        samples: completions per question and view (default: the rollout's ``G``).
         batch_size: prompts per batch (default: the data module's).
         split: ``train`` (where the pools act), ``val`` or ``test``.
         candidates: YAML file of candidate transforms (``preserving:`` / ``removing:`` lists).
         group_by: metadata column grouping the questions (None: none).
         device: ``cpu``, ``cuda`` ... (default: CUDA when available).
-        rule: a :class:`~cppo_lightning.audit.VerdictRule` (default thresholds when None).
-        view_accuracy: sample and grade under every view (False: under ``I`` only, divergences alone).
-        max_generate_rows: rows per ``generate`` call (the views of a batch are stacked; None: all at once).
+        measure: how the views are measured, as for :meth:`~cppo_lightning.audit.PoolAudit.from_module`:
+            ``samples`` (completions per question and view; default: the rollout's ``G``), ``rule`` (a
+            :class:`~cppo_lightning.audit.VerdictRule`; default thresholds when None), ``view_accuracy``
+            (False: sample and grade under ``I`` only, verdicts from the divergences alone),
+            ``max_generate_rows`` (rows per ``generate`` call; None: all views of a batch at once).
 
     Returns:
         ``(AuditResult, {"markdown", "json", "html"} -> path)``.
@@ -76,16 +74,7 @@ def audit(
     output = Path(output) if output is not None else Path("runs") / "audit" / name
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset, maker = audit_dataset(data, extra or None, split)
-    runner = PoolAudit.from_module(
-        module,
-        maker.views,
-        device=target,
-        samples=samples,
-        group_key=group_by,
-        rule=rule,
-        view_accuracy=view_accuracy,
-        max_generate_rows=max_generate_rows,
-    )
+    runner = PoolAudit.from_module(module, maker.views, device=target, group_key=group_by, **measure)
     tokenizer = runner.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     per_batch = batch_size or data.batch_size

@@ -56,6 +56,12 @@ def warm_start(args: list[str], output: str | Path) -> Path:
     return output
 
 
+def _warm_start_under(output: Path, config: str, extra_args: str) -> Path:
+    """The warm start of a recipe: logged under ``output``, its model in ``output/warmstart/model``."""
+    args = ["--config", config, "--trainer.logger.init_args.save_dir", str(output), *shlex.split(extra_args)]
+    return warm_start(args, output / "warmstart" / "model")
+
+
 def config_texts(args: list[str]) -> list[str]:
     """Contents of the config files named in ``args`` (a changed file invalidates a cached result)."""
     return [Path(args[i + 1]).read_text() for i, arg in enumerate(args[:-1]) if arg == "--config"]
@@ -121,14 +127,7 @@ def demo(
 
     output = Path(output)
     started = time.perf_counter()
-    warm_args = [
-        "--config",
-        warmstart_config,
-        "--trainer.logger.init_args.save_dir",
-        str(output),
-        *shlex.split(warmstart_args),
-    ]
-    warm = warm_start(warm_args, output / "warmstart" / "model")
+    warm = _warm_start_under(output, warmstart_config, warmstart_args)
     rl_args = ["--config", config, "--trainer.logger.init_args.save_dir", str(output), *shlex.split(fit_args)]
     before = held_out_accuracy(rl_args, warm)
     after, run = fit_and_test(rl_args, warm)
@@ -172,14 +171,7 @@ def study(
     """
     output = Path(output)
     suffix = f"-{tag}" if tag else ""
-    warm_args = [
-        "--config",
-        warmstart_config,
-        "--trainer.logger.init_args.save_dir",
-        str(output),
-        *shlex.split(warmstart_args),
-    ]
-    warm = warm_start(warm_args, output / "warmstart" / "model")
+    warm = _warm_start_under(output, warmstart_config, warmstart_args)
     results: dict[str, list[float]] = {}
     runs: dict[str, list[Path]] = {}
     for objective in objectives:

@@ -39,43 +39,10 @@ questions (a metadata column, e.g. the synthetic task's ``family``), so that a t
 for counting but changes the answer of colour questions is flagged for those.
 """
 
-from cppo_lightning.audit.measurements import (
-    PoolAudit,
-    SharedNoiseSampler,
-    generation_token_ids,
-    pair_token_sums,
-    view_token_sums,
-)
-from cppo_lightning.audit.verdicts import AuditResult, Verdict, VerdictRule, propose_pools
-from cppo_lightning.audit.views import (
-    ALL,
-    FLOOR,
-    GREY,
-    NEUTRAL_CPL,
-    POOL,
-    AuditView,
-    PairFigures,
-    ViewFigures,
-    pair_key,
-)
+# The names of the three modules (each lists its own in __all__), importable from the package as before.
+from cppo_lightning.audit import measurements, verdicts, views
+from cppo_lightning.audit.measurements import *  # noqa: F403
+from cppo_lightning.audit.verdicts import *  # noqa: F403
+from cppo_lightning.audit.views import *  # noqa: F403
 
-__all__ = [
-    "ALL",
-    "FLOOR",
-    "GREY",
-    "NEUTRAL_CPL",
-    "POOL",
-    "AuditResult",
-    "AuditView",
-    "PairFigures",
-    "PoolAudit",
-    "SharedNoiseSampler",
-    "Verdict",
-    "VerdictRule",
-    "ViewFigures",
-    "generation_token_ids",
-    "pair_key",
-    "pair_token_sums",
-    "propose_pools",
-    "view_token_sums",
-]
+__all__ = [*views.__all__, *verdicts.__all__, *measurements.__all__]

@@ -37,7 +37,14 @@ from cppo_lightning.audit.views import (
 )
 from cppo_lightning.batch import ORIGINAL, PRESERVING, REMOVING, TEXT_KEYS, PromptBatch, concat_vision_inputs
 from cppo_lightning.models.scoring import completion_mask
-from cppo_lightning.objectives import ViewRequest, group_advantages, k3_kl, perception_token_mask
+from cppo_lightning.objectives import (
+    CPPO,
+    Objective,
+    ViewRequest,
+    group_advantages,
+    k3_kl,
+    perception_token_mask,
+)
 from cppo_lightning.objectives.functional import cpl_direction_indicator
 from cppo_lightning.rollout import (
     RewardModel,
@@ -49,7 +56,7 @@ from cppo_lightning.rollout import (
     reward_inputs,
     sampling_mode,
 )
-from cppo_lightning.update import RolloutScorer
+from cppo_lightning.update import RolloutScorer, UpdateConfig
 
 if TYPE_CHECKING:
     from cppo_lightning.module import CPPOModule
@@ -266,16 +273,14 @@ class PoolAudit:
         samples: ``k`` completions per question and view (at least 2: advantages are group-normalised).
         eos_token_ids: ids that end a completion.
         pad_token_id: padding id for ``generate``.
-        top_ratio: CPPO's ``rho``.
-        tau: CPPO's ``tau``.
-        advantage_gating: select perception tokens only in rows with ``A > 0`` (CPPO's default).
-        advantage_scale: ``"std"`` or ``"none"`` (the objective's).
-        max_rows: rollouts per stacked forward (the update's ``micro_batch_rollouts``).
-        max_tokens: token budget per stacked forward (the update's ``max_tokens_per_forward``).
-        chunk_tokens: response positions per chunk of the LM head.
+        objective: training's objective: its advantage scale, and for CPPO its perception-token selection
+            (``rho``, ``tau``, advantage gating); CPPO's defaults select the tokens of a GRPO or PAPO objective
+            (None: :class:`~cppo_lightning.objectives.CPPO` with its defaults).
+        update: training's update settings: rollouts and tokens per stacked forward, LM-head chunk (None: one
+            forward over all rows).
         seed: sampling seed.
         group_key: metadata column that groups the questions (None: no groups).
-        rule: the verdict thresholds.
+        rule: the verdict thresholds (None: the defaults).
         keep_examples: examples kept (images and completions) for the report.
         view_accuracy: sample and grade under every view; False samples under ``I`` only (the cheap
             mode for large models: the verdicts then rest on the divergences alone).
@@ -294,16 +299,11 @@ class PoolAudit:
         samples: int,
         eos_token_ids: list[int],
         pad_token_id: int,
-        top_ratio: float = 0.5,
-        tau: float = 0.1,
-        advantage_gating: bool = True,
-        advantage_scale: str = "std",
-        max_rows: int | None = None,
-        max_tokens: int | None = None,
-        chunk_tokens: int | None = None,
+        objective: Objective | None = None,
+        update: UpdateConfig | None = None,
         seed: int = 0,
         group_key: str | None = "family",
-        rule: VerdictRule = VerdictRule(),
+        rule: VerdictRule | None = None,
         keep_examples: int = 3,
         view_accuracy: bool = True,
         max_generate_rows: int | None = None,
@@ -324,16 +324,17 @@ class PoolAudit:
         self.samples = samples
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id
-        self.top_ratio = top_ratio
-        self.tau = tau
-        self.advantage_gating = advantage_gating
-        self.advantage_scale = advantage_scale
-        self.max_rows = max_rows
-        self.max_tokens = max_tokens
-        self.chunk_tokens = chunk_tokens
+        objective = objective if objective is not None else CPPO()
+        selection = objective if isinstance(objective, CPPO) else CPPO()
+        self.top_ratio, self.tau = selection.top_ratio, selection.tau
+        self.advantage_gating = selection.advantage_gating
+        self.advantage_scale = objective.advantage_scale
+        self.max_rows = update.micro_batch_rollouts if update else None
+        self.max_tokens = update.max_tokens_per_forward if update else None
+        self.chunk_tokens = update.logits_chunk_tokens if update else None
         self.seed = seed
         self.group_key = group_key
-        self.rule = rule
+        self.rule = rule or VerdictRule()
         self.keep_examples = keep_examples
         self.view_accuracy = view_accuracy
         self.max_generate_rows = max_generate_rows
@@ -355,64 +356,35 @@ class PoolAudit:
         *,
         device: torch.device | str | None = None,
         samples: int | None = None,
-        group_key: str | None = "family",
-        rule: VerdictRule | None = None,
-        view_accuracy: bool = True,
-        max_generate_rows: int | None = None,
+        **settings,
     ) -> PoolAudit:
         """The audit of a module's policy with the module's own settings.
 
-        The grader is the module's evaluation grader, the rewards, sampling settings, seed and micro-batch
-        budgets are training's, and the perception tokens are selected with the objective's ``rho``,
-        ``tau`` and gating (CPPO's defaults for a GRPO or PAPO module). The policy is the module's when it
-        is loaded, else loaded onto ``device`` without a reference
-        (:func:`~cppo_lightning.models.loading.load_policy_on`); it is put in eval mode.
+        The grader is the module's evaluation grader; the rewards, sampling settings, seed, objective and
+        update budgets are training's. The policy is the module's when it is loaded, else loaded onto
+        ``device`` without a reference (:func:`~cppo_lightning.models.loading.load_policy_on`); it is put
+        in eval mode.
 
         Args:
             module: a :class:`~cppo_lightning.module.CPPOModule` (configured, e.g. by the LightningCLI).
             views: the views every batch carries besides ``"original"``.
             device: where to load the policy (None: the CPU).
             samples: ``k`` completions per question and view (None: the rollout's ``G``).
-            group_key: metadata column that groups the questions (None: no groups).
-            rule: the verdict thresholds (None: the defaults).
-            view_accuracy: sample and grade under every view (False: under ``I`` only).
-            max_generate_rows: rows of one ``generate`` call (None: all views in one call).
+            settings: ``group_key``, ``rule``, ``keep_examples``, ``view_accuracy``, ``max_generate_rows``
+                (as for :class:`PoolAudit`).
         """
         from cppo_lightning.models.loading import load_policy_on
-        from cppo_lightning.objectives import CPPO
 
         policy = module.policy
         if policy is None:
             policy = load_policy_on(module.policy_config, device, reference=False)
         policy.model.eval()
-        objective = module.objective
-        cppo = objective if isinstance(objective, CPPO) else CPPO()  # a GRPO/PAPO config: CPPO's defaults
         tokenizer = policy.processor.tokenizer
         eos, pad = generation_token_ids(policy.model, tokenizer)
-        update = module.update_config
-        return cls(
-            policy.model,
-            tokenizer,
-            views,
-            grader=module.eval_grader,
-            reward_model=module.reward_model,
-            rollout=module.rollout_config,
-            samples=samples or module.rollout_config.samples_per_prompt,
-            eos_token_ids=eos,
-            pad_token_id=pad,
-            top_ratio=cppo.top_ratio,
-            tau=cppo.tau,
-            advantage_gating=cppo.advantage_gating,
-            advantage_scale=objective.advantage_scale,
-            max_rows=update.micro_batch_rollouts,
-            max_tokens=update.max_tokens_per_forward,
-            chunk_tokens=update.logits_chunk_tokens,
-            seed=module.seed,
-            group_key=group_key,
-            rule=rule or VerdictRule(),
-            view_accuracy=view_accuracy,
-            max_generate_rows=max_generate_rows,
-        )
+        rollout = module.rollout_config
+        return cls(policy.model, tokenizer, views, module.eval_grader, module.reward_model, rollout,
+                   samples or rollout.samples_per_prompt, eos, pad, module.objective, module.update_config,
+                   module.seed, **settings)  # fmt: skip
 
     # ---- one batch --------------------------------------------------------------------------
 
