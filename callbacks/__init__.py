@@ -1,4 +1,4 @@
-"""Lightning callbacks for RL fine-tuning runs, and run comparison plots.
+"""Lightning callbacks for RL fine-tuning runs.
 
 - :class:`PerceptionTokenVisualizer`: views, entropy shifts and CPPO's perception tokens (HTML + PNG).
 - :class:`RolloutSamplesLogger`: rollout samples as JSON lines.
@@ -8,8 +8,8 @@
 - :class:`CPLDirectionMonitor`: one early warning when the perturbation pools push CPPO's CPL the wrong way.
 - :class:`AtomicCheckpoint`: ``ModelCheckpoint`` whose files are complete or absent (temporary file, fsync, rename).
 - :class:`PreemptionCheckpoint`: on SIGTERM/SIGINT, save at the step boundary and exit with ``128 + signal``.
-- :class:`~callbacks.run_lock.RunLock`: one writer per run folder (``cppo fit`` holds it).
-- :func:`plot_runs`: overlay the curves of several runs (``cppo plot``).
+
+The run comparison plots (``cppo plot``) are in :mod:`cppo_lightning.plots`.
 """
 
 from callbacks.checkpointing import AtomicCheckpoint
@@ -17,7 +17,6 @@ from callbacks.cpl_direction import CPLDirectionMonitor
 from callbacks.evaluation import EvaluationReport
 from callbacks.export import AdapterExport
 from callbacks.perception import PerceptionTokenVisualizer
-from callbacks.plots import plot_groups, plot_runs
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.rollout_log import RolloutSamplesLogger
 from callbacks.throughput import ThroughputMonitor
@@ -31,6 +30,16 @@ __all__ = [
     "PreemptionCheckpoint",
     "RolloutSamplesLogger",
     "ThroughputMonitor",
-    "plot_groups",
-    "plot_runs",
 ]
+
+
+def __getattr__(name: str):
+    """``callbacks.plot_runs`` / ``plot_groups``: deprecated, moved to :mod:`cppo_lightning.plots`."""
+    if name in ("plot_groups", "plot_runs"):
+        import warnings
+
+        from cppo_lightning import plots
+
+        warnings.warn(f"callbacks.{name} moved to cppo_lightning.plots", DeprecationWarning, stacklevel=2)
+        return getattr(plots, name)
+    raise AttributeError(f"module 'callbacks' has no attribute {name!r}")

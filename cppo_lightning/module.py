@@ -1,6 +1,6 @@
 """CPPOModule: GRPO / CPPO / PAPO fine-tuning of a vision-language policy as a LightningModule.
 
-One Lightning training step is one RL step (see ``design.md``):
+One Lightning training step is one RL step (the README's *What you get* and *The update*):
 
 1. **Rollout** (no grad): ``G`` completions per prompt from the current policy, decoded and scored by
    the reward functions, group-normalised into advantages.
@@ -34,7 +34,7 @@ from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.engines import RolloutEngine, build_engine, check_sampler_logprobs
 from cppo_lightning.metrics import AverageAccuracy, RewardStatistics
 from cppo_lightning.models.grouped import enable_grouped_attention
-from cppo_lightning.models.loading import Policy, PolicyConfig, load_policy
+from cppo_lightning.models.loading import Policy, PolicyConfig, load_policy_on
 from cppo_lightning.objectives import CPPO, Objective, group_advantages
 from cppo_lightning.rewards import DEFAULT_REWARDS, RewardFunctions, resolve_reward_function, reward_inputs
 from cppo_lightning.rollout import Rollout, decode, repeat_rows
@@ -199,16 +199,13 @@ class CPPOModule(pl.LightningModule):
         strategy = self.trainer.strategy if self._trainer is not None else None
         if strategy is not None:  # before anything is loaded: a refused combination fails at once
             check_strategy(strategy, self.policy_config.finetuning)
-        device_map = None
-        if self.policy_config.finetuning == "qlora" and self._trainer is not None:
-            device = self.trainer.strategy.root_device
-            if device.type == "cuda":
-                # bitsandbytes quantizes while loading: put each rank's copy on its own GPU directly.
-                device_map = {"": device}
+        # Only a QLoRA policy is placed by its load (bitsandbytes); Lightning's strategy moves any other.
+        qlora = strategy is not None and self.policy_config.finetuning == "qlora"
+        device = strategy.root_device if qlora else None
         # Seeded: LoRA's random initialisation must not depend on what ran before in the process.
         with seeded(derived_seed(self.seed, "init")):
-            self.policy = load_policy(
-                self.policy_config, reference=self.objective.needs_reference, device_map=device_map
+            self.policy = load_policy_on(
+                self.policy_config, device, reference=self.objective.needs_reference, move=False
             )
         if strategy is not None and is_model_parallel(strategy):
             self._shard(strategy)
@@ -347,7 +344,7 @@ class CPPOModule(pl.LightningModule):
         if missing:
             raise ValueError(
                 f"{type(self.objective).__name__} needs image views {list(self.required_views)}; the batch has "
-                f"{list(batch.views)} (missing {missing}). Ask the DataModule for them (views: auto)."
+                f"{list(batch.views)} (missing {missing}). Ask the DataModule for them (views: null)."
             )
         if self._validated_batch_size != len(batch):
             self._validate_sizes(len(batch))

@@ -202,6 +202,24 @@ def format_reward(
 DEFAULT_REWARDS = {"cppo_lightning.rewards.accuracy_reward": 0.9, "cppo_lightning.rewards.format_reward": 0.1}
 
 
+#: The evaluation reward of each grader (``cppo evaluate --grader``, ``model.evaluation.reward``): multiple-
+#: choice aware accuracy graded by that grader.
+EVALUATION_REWARDS = {
+    "mathruler": "cppo_lightning.rewards.choice_accuracy_reward",
+    "math-verify": "cppo_lightning.rewards.math_verify_choice_accuracy_reward",
+}
+
+
+def evaluation_reward(grader: str) -> str:
+    """The import path of the evaluation reward graded by ``grader`` (:data:`EVALUATION_REWARDS`).
+
+    Raises:
+        ValueError: an unknown grader (the message lists the known ones).
+    """
+    get_grader(grader)
+    return EVALUATION_REWARDS[grader]
+
+
 def resolve_reward_function(spec: str | Callable) -> tuple[str, Callable]:
     """``(name, callable)`` for an import path (``package.module.function``) or a callable.
 
@@ -231,9 +249,11 @@ def short_name(name: str) -> str:
 
 __all__ = [
     "DEFAULT_REWARDS",
+    "EVALUATION_REWARDS",
     "RewardFunction",
     "accuracy_reward",
     "choice_accuracy_reward",
+    "evaluation_reward",
     "extract_boxed",
     "format_reward",
     "math_verify_accuracy_reward",

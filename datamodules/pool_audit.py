@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from cppo_lightning.audit import FLOOR, GREY, POOL, AuditView
+from cppo_lightning.audit.views import FLOOR, GREY, POOL, AuditView
 from cppo_lightning.batch import ORIGINAL, PRESERVING, REMOVING, PromptBatch
 from datamodules.perturbations import PerturbationPool, draw_view, to_rgb_array
 from datamodules.vqa import VisualQADataModule, VQADataset

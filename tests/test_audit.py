@@ -315,3 +315,24 @@ def test_every_shipped_candidates_file_loads(path):
     assert candidates.get("preserving") and candidates.get("removing")
     for transforms in candidates.values():  # and each writes back as YAML a data config can hold
         yaml.safe_dump([transform_config(transform) for transform in transforms])
+
+
+def test_pool_audit_from_module_takes_the_module_settings(tiny_qwen):
+    """The audit samples, gates and budgets as the module trains (CPPO's defaults for a GRPO module)."""
+    from cppo_lightning.audit import AuditView, PoolAudit
+    from cppo_lightning.module import UpdateConfig
+    from cppo_lightning.objectives import CPPO, GRPO
+    from helpers import small_module
+
+    grey = [AuditView("grey", "floor", "grey")]
+    module = small_module(
+        tiny_qwen, CPPO(top_ratio=0.3, tau=0.2), update=UpdateConfig(micro_batch_rollouts=6)
+    )
+    audit = PoolAudit.from_module(module, grey, group_key=None)
+    assert (audit.top_ratio, audit.tau, audit.advantage_gating) == (0.3, 0.2, True)
+    assert audit.samples == 4 and audit.max_rows == 6 and audit.seed == module.seed
+    assert audit.grader is module.eval_grader and audit.reward_model is module.reward_model
+    assert not audit.model.training and next(audit.model.parameters()).device.type == "cpu"
+    defaults = CPPO()
+    audit = PoolAudit.from_module(small_module(tiny_qwen, GRPO()), grey, samples=2)
+    assert (audit.top_ratio, audit.tau, audit.samples) == (defaults.top_ratio, defaults.tau, 2)

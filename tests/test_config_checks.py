@@ -67,7 +67,7 @@ def test_cppo_fit_refuses_them_before_loading_anything(
     def never(*args, **kwargs):
         raise AssertionError("the policy was loaded")
 
-    monkeypatch.setattr(module, "load_policy", never)
+    monkeypatch.setattr(module, "load_policy_on", never)
     with pytest.raises(ValueError, match=message):  # when the config is instantiated: nothing loaded yet
         lightning_cli(demo_args("grpo", tiny_qwen, tmp_path, 1, option, value))
     assert not (tmp_path / "grpo").exists()  # no run folder either

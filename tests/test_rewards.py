@@ -96,3 +96,16 @@ def test_reward_function_by_import_path_or_callable():
     assert resolve_reward_function(format_reward)[1] is format_reward
     with pytest.raises(ValueError, match="cannot be imported"):
         resolve_reward_function("cppo_lightning.rewards.no_such_reward")
+
+
+def test_each_grader_has_its_evaluation_reward():
+    from cppo_lightning.graders import GRADERS
+    from cppo_lightning.rewards import EVALUATION_REWARDS, evaluation_reward
+
+    assert set(EVALUATION_REWARDS) == set(GRADERS)
+    assert evaluation_reward("mathruler") == "cppo_lightning.rewards.choice_accuracy_reward"
+    assert evaluation_reward("math-verify") == "cppo_lightning.rewards.math_verify_choice_accuracy_reward"
+    for grader, path in EVALUATION_REWARDS.items():
+        assert callable(resolve_reward_function(path)[1])
+    with pytest.raises(ValueError, match="unknown grader 'sympy'"):
+        evaluation_reward("sympy")

@@ -480,3 +480,32 @@ def load_policy(
     model = get_peft_model(model, lora)
     log.info("LoRA on %d linear layers (%s)", len(targets), config.finetuning)
     return Policy(model, processor, config, "disabled_adapters" if reference else None)
+
+
+def load_policy_on(
+    config: PolicyConfig,
+    device: torch.device | str | None,
+    reference: bool = True,
+    move: bool = True,
+) -> Policy:
+    """Load a policy to run on ``device``: the one place that decides where the weights are loaded.
+
+    A QLoRA policy on a GPU is placed there by the load itself (bitsandbytes quantizes while loading, so each
+    rank's 4-bit copy goes to its own GPU directly); any other policy is loaded on the CPU and, with
+    ``move``, moved to ``device`` (training leaves the move to Lightning's strategy).
+
+    Args:
+        config: what to load and how.
+        device: where the policy runs (None: the CPU, nothing placed).
+        reference: whether a reference policy is needed (False when the KL weight is 0).
+        move: move a policy not placed by the load to ``device``.
+
+    Returns:
+        A :class:`Policy`.
+    """
+    device = torch.device(device) if device is not None else None
+    placed = config.finetuning == "qlora" and device is not None and device.type == "cuda"
+    policy = load_policy(config, reference=reference, device_map={"": device} if placed else None)
+    if move and device is not None and not placed:
+        policy.to(device)
+    return policy

@@ -173,3 +173,39 @@ def test_lora_pattern_matching_nothing_is_a_clear_error(tiny_qwen):
 def test_default_lora_targets_are_the_language_models_projections_only(name, targeted):
     # peft matches a string target_modules with re.fullmatch against the module name.
     assert bool(re.fullmatch(LoRAConfig().target_regex(), name)) is targeted
+
+
+@pytest.mark.parametrize(
+    ("finetuning", "device", "device_map", "moved_to"),
+    [
+        ("qlora", "cuda:1", {"": torch.device("cuda:1")}, None),  # quantized on its GPU while loading
+        ("qlora", "cpu", None, torch.device("cpu")),
+        ("lora", "cuda:1", None, torch.device("cuda:1")),
+        ("full", None, None, None),  # no device: loaded on the CPU, nothing moved
+    ],
+)
+def test_load_policy_on_places_only_a_qlora_policy_on_a_gpu_while_loading(
+    monkeypatch, finetuning, device, device_map, moved_to
+):
+    """The one placement rule of training, evaluation and the audit (no GPU needed: the load is recorded)."""
+    import cppo_lightning.models.loading as loading
+
+    calls = {}
+
+    class Loaded:
+        def to(self, target):
+            calls["moved_to"] = target
+            return self
+
+    def record(config, reference=True, device_map=None, processor=None):
+        calls["device_map"], calls["reference"] = device_map, reference
+        return Loaded()
+
+    monkeypatch.setattr(loading, "load_policy", record)
+    config = PolicyConfig("tiny:qwen2_5_vl-demo", finetuning=finetuning)
+    loading.load_policy_on(config, device, reference=False)
+    assert calls["device_map"] == device_map and calls["reference"] is False
+    assert calls.get("moved_to") == moved_to
+    calls.clear()
+    loading.load_policy_on(config, device, move=False)  # training: Lightning's strategy moves it
+    assert "moved_to" not in calls and calls["reference"] is True

@@ -6,7 +6,6 @@ import albumentations as A
 import numpy as np
 import yaml
 
-from callbacks.audit_report import write_audit_report
 from cppo_lightning.audit import (
     ALL,
     GREY,
@@ -18,6 +17,7 @@ from cppo_lightning.audit import (
     pair_key,
     propose_pools,
 )
+from cppo_lightning.audit.report import write_audit_report
 from cppo_lightning.batch import ORIGINAL
 from datamodules.perturbations import PerturbationPool, RandomZoomCrop
 from datamodules.pool_audit import transform_config

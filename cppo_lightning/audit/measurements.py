@@ -1,54 +1,21 @@
-"""Auditing CPPO's perturbation pools before training: does ``I+`` preserve and ``I-`` remove what the task needs?
+"""The measurements: sampling under every view, one stacked forward per micro-batch, sums per group.
 
-CPPO rests on one assumption: the information-preserving view ``I+`` keeps what the answer needs and the
-information-removing view ``I-`` takes it away. When it fails, the Contrastive Perception Loss pushes the
-wrong way (it makes the policy insensitive to a change that alters the answer). This module measures it
-for a policy and a set of views, before any training:
-
-- **accuracy** under the original image ``I``, under each view and under a flat-grey image (the floor:
-  nothing of the image left), as sampled avg@k: ``k`` completions per question at the rollout temperature,
-  graded by the evaluation grader; the views of a batch are stacked into one ``generate`` call with the same
-  random numbers for every view (:class:`SharedNoiseSampler`), so a view that does not change the image
-  gives exactly the original's completions and two views' accuracies differ by what the views do;
-- **divergences** of the policy's next-token distributions under the view from those under ``I``, on the
-  completions sampled under ``I``: the k3 estimate the CPL uses, ``k3(lp^I, lp^view)``, and the exact
-  full-vocabulary ``KL(pi(.|I) || pi(.|view))``, and the **entropy shift** ``H(view) - H(I)``, all from one
-  forward over the stacked views (:class:`~cppo_lightning.update.RolloutScorer`, the update's own path);
-- for every view, as if it were ``I-``: the fraction of tokens whose entropy rises, the perception-token
-  fraction CPPO would select (``perception_token_mask`` without gating) and how much of the entropy rise
-  those tokens carry (**concentration**);
-- the **CPL direction** of each ``(I+ transform, I- transform)`` pair and of the pools as configured: the
-  fraction of CPPO's perception tokens (selected with that ``I-``, rows with ``A > 0`` under gating, as in
-  training) where ``D+ < D-``, with the mean ``D+``, ``D-`` and CPL (neutral value ``log 2``).
-
-The verdict rule (:class:`VerdictRule`) places each view on a scale from the identity (0: the policy
-behaves as with the original image) to the grey floor (1: as with no image), by accuracy and by
-divergence:
-
-- ``accuracy_position = (acc(I) - acc(view)) / (acc(I) - acc(grey))``, defined when the policy is at least
-  ``min_accuracy_gap`` more accurate with the image than with grey;
-- ``divergence_position = KL(view) / KL(grey)``, defined when ``KL(grey) >= min_floor_divergence``;
-- ``position`` = the larger of the defined ones (the view moved the policy this far towards "no image"
-  by at least one measure); ``inconclusive`` when neither is defined (the policy does not read the image).
-
-An ``I+`` transform is **preserving** when ``position <= preserving_max`` (0.25) and **misplaced** (it removes
-what the task needs) when ``position >= removing_min`` (0.5); an ``I-`` transform is **removing** when
-``position >= removing_min`` and **misplaced** (it leaves what the task needs) when ``position <=
-preserving_max``; in between either is **partial**. Verdicts are given over all examples and per group of
-questions (a metadata column, e.g. the synthetic task's ``family``), so that a transform that is harmless
-for counting but changes the answer of colour questions is flagged for those.
+:class:`PoolAudit` takes batches of prompts that carry the original image and every audited view, samples
+``k`` completions per question under each (:class:`SharedNoiseSampler`: the same random numbers for every
+view), grades them, scores the completions sampled under ``I`` under every view with the update's own
+scoring path (:class:`~cppo_lightning.update.RolloutScorer`), and sums the figures of
+:func:`view_token_sums` and :func:`pair_token_sums` per group of questions; :meth:`PoolAudit.result` turns
+the sums into figures, verdicts and the proposed pools.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,240 +23,46 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.generation import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
+from cppo_lightning.audit.verdicts import AuditResult, VerdictRule, propose_pools
+from cppo_lightning.audit.views import (
+    ALL,
+    FLOOR,
+    GREY,
+    NEUTRAL_CPL,
+    POOL,
+    AuditView,
+    PairFigures,
+    ViewFigures,
+    pair_key,
+)
 from cppo_lightning.batch import ORIGINAL, PRESERVING, REMOVING, TEXT_KEYS, PromptBatch, concat_vision_inputs
 from cppo_lightning.engines.hf import sampling_mode
 from cppo_lightning.models.scoring import completion_mask
-from cppo_lightning.objectives import ViewRequest, group_advantages, k3_kl, perception_token_mask
+from cppo_lightning.objectives import (
+    CPPO,
+    Objective,
+    ViewRequest,
+    group_advantages,
+    k3_kl,
+    perception_token_mask,
+)
 from cppo_lightning.objectives.functional import cpl_direction_indicator
 from cppo_lightning.rewards import RewardFunctions, reward_inputs
 from cppo_lightning.rollout import Rollout, decode, repeat_rows
 from cppo_lightning.sampling import RolloutConfig
 from cppo_lightning.seeding import derived_seed
-from cppo_lightning.update import RolloutScorer
+from cppo_lightning.update import RolloutScorer, UpdateConfig
+
+if TYPE_CHECKING:
+    from cppo_lightning.module import CPPOModule
 
 __all__ = [
-    "ALL",
-    "FLOOR",
-    "GREY",
-    "POOL",
-    "AuditResult",
-    "AuditView",
-    "PairFigures",
     "PoolAudit",
     "SharedNoiseSampler",
-    "Verdict",
-    "VerdictRule",
-    "ViewFigures",
     "generation_token_ids",
-    "pair_key",
     "pair_token_sums",
-    "propose_pools",
     "view_token_sums",
 ]
-
-#: The flat-grey view: the floor, nothing of the image left.
-GREY = "grey"
-#: Roles of audited views besides the pools' transforms (``"preserving"``, ``"removing"``).
-FLOOR = "floor"
-POOL = "pool"
-#: The group of all examples.
-ALL = "all"
-#: Neutral value of the CPL, ``softplus(0)``: D+ = D- on average.
-NEUTRAL_CPL = math.log(2.0)
-
-
-@dataclass(frozen=True)
-class AuditView:
-    """One image view the audit scores.
-
-    Attributes:
-        name: its key in the batch's vision inputs (e.g. ``"preserving:0"``).
-        role: ``"preserving"`` (a transform of ``I+``), ``"removing"`` (of ``I-``), ``"floor"`` (flat grey)
-            or ``"pool"`` (one draw of a pool as configured; then ``pool`` says which).
-        label: display name (e.g. ``"ColorJitter"``).
-        description: the transform and its arguments.
-        probability: the transform's ``p`` in its pool (the audit applies every transform with ``p = 1``).
-        candidate: a candidate transform, not part of the configured pool.
-        pool: for ``role="pool"``, the pool drawn (``"preserving"`` or ``"removing"``).
-    """
-
-    name: str
-    role: str
-    label: str
-    description: str = ""
-    probability: float = 1.0
-    candidate: bool = False
-    pool: str | None = None
-
-    @property
-    def sampled(self) -> bool:
-        """Whether accuracy is measured under this view (pool draws are only scored)."""
-        return self.role != POOL
-
-
-@dataclass
-class ViewFigures:
-    """What a view does to the policy, over a group of questions.
-
-    Attributes:
-        questions: questions measured.
-        accuracy: avg@k under this view (None where not sampled).
-        k3: mean ``k3(lp^I, lp^view)`` over the response tokens (the CPL's estimate of the divergence).
-        kl: mean exact ``KL(pi(.|I) || pi(.|view))`` over the response tokens.
-        entropy_shift: mean ``H(view) - H(I)`` over the response tokens.
-        positive_shift_fraction: fraction of response tokens with ``H(view) > H(I)``.
-        perception_fraction: fraction of response tokens CPPO would select as perception tokens with this
-            view as ``I-`` (``perception_token_mask``, no advantage gating).
-        concentration: share of the positive entropy shift carried by those perception tokens.
-        tokens: response tokens measured.
-    """
-
-    questions: int = 0
-    accuracy: float | None = None
-    k3: float = 0.0
-    kl: float = 0.0
-    entropy_shift: float = 0.0
-    positive_shift_fraction: float = 0.0
-    perception_fraction: float = 0.0
-    concentration: float = 0.0
-    tokens: int = 0
-
-
-@dataclass
-class PairFigures:
-    """The CPL's direction for one ``(I+, I-)`` pair over CPPO's perception tokens.
-
-    Attributes:
-        direction: fraction of the perception tokens with ``D+ < D-``, ties (``D+ = D-``) counted half
-            (:func:`~cppo_lightning.objectives.functional.cpl_direction_indicator`, as the training metric
-            ``cpl_direction``): 1: the views agree with the loss everywhere; 0.5: no signal; below 0.5 the
-            loss mostly pushes the wrong way. None without perception tokens.
-        d_plus: mean ``D+ = k3(lp^I, lp^{I+})``.
-        d_minus: mean ``D- = k3(lp^I, lp^{I-})``.
-        cpl: mean ``softplus((D+ - D-) / tau)`` (``log 2`` = neutral).
-        tokens: perception tokens.
-        ties: fraction of the perception tokens with ``D+ = D-`` (in practice both 0: tokens certain under
-            every view, which carry no CPL gradient).
-    """
-
-    direction: float | None = None
-    d_plus: float = 0.0
-    d_minus: float = 0.0
-    cpl: float = 0.0
-    tokens: int = 0
-    ties: float = 0.0
-
-
-@dataclass
-class Verdict:
-    """A view's verdict with the numbers behind it (see :class:`VerdictRule`).
-
-    Attributes:
-        label: ``"preserving"``, ``"removing"``, ``"partial"``, ``"misplaced"`` or ``"inconclusive"``.
-        position: where the view sits between the identity (0) and the grey floor (1); None if inconclusive.
-        accuracy_position: the accuracy-based position (None when the accuracy gap is too small).
-        divergence_position: the divergence-based position (None when grey hardly moves the policy).
-        reason: one sentence saying why.
-    """
-
-    label: str
-    position: float | None
-    accuracy_position: float | None
-    divergence_position: float | None
-    reason: str
-
-
-@dataclass(frozen=True)
-class VerdictRule:
-    """Thresholds of the verdicts, relative to the identity (position 0) and the grey floor (position 1).
-
-    Args:
-        preserving_max: an ``I+`` transform is preserving up to this position; an ``I-`` transform at or
-            below it is misplaced (it leaves what the task needs).
-        removing_min: an ``I-`` transform is removing from this position on; an ``I+`` transform at or
-            above it is misplaced (it removes what the task needs).
-        min_accuracy_gap: the accuracy position is used only when ``acc(I) - acc(grey)`` is at least this
-            (below it, accuracy says little about whether the policy reads the image).
-        min_floor_divergence: the divergence position is used only when ``KL(grey)`` (mean per response
-            token) is at least this.
-    """
-
-    preserving_max: float = 0.25
-    removing_min: float = 0.5
-    min_accuracy_gap: float = 0.1
-    min_floor_divergence: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.preserving_max < self.removing_min:
-            raise ValueError(
-                f"need 0 <= preserving_max < removing_min, got {self.preserving_max}, {self.removing_min}"
-            )
-        if self.min_accuracy_gap < 0 or self.min_floor_divergence < 0:
-            raise ValueError("min_accuracy_gap and min_floor_divergence must be >= 0")
-
-    def positions(
-        self, view: ViewFigures, identity: ViewFigures, floor: ViewFigures
-    ) -> tuple[float | None, float | None]:
-        """``(accuracy_position, divergence_position)`` of ``view`` (None where not defined).
-
-        Args:
-            view: the view's figures.
-            identity: the original image's (its accuracy; its divergence is 0 by definition).
-            floor: the grey image's.
-        """
-        accuracy = None
-        if view.accuracy is not None and identity.accuracy is not None and floor.accuracy is not None:
-            gap = identity.accuracy - floor.accuracy
-            if gap >= self.min_accuracy_gap:
-                accuracy = (identity.accuracy - view.accuracy) / gap
-        divergence = view.kl / floor.kl if floor.kl >= self.min_floor_divergence else None
-        return accuracy, divergence
-
-    def verdict(self, role: str, view: ViewFigures, identity: ViewFigures, floor: ViewFigures) -> Verdict:
-        """The verdict of a transform of the ``role`` pool (``"preserving"`` or ``"removing"``).
-
-        Raises:
-            ValueError: an unknown role.
-        """
-        if role not in (PRESERVING, REMOVING):
-            raise ValueError(f"a verdict is for a 'preserving' or 'removing' transform, got role {role!r}")
-        accuracy, divergence = self.positions(view, identity, floor)
-        defined = [value for value in (accuracy, divergence) if value is not None]
-        numbers = _position_text(accuracy, divergence)
-        if not defined:
-            return Verdict(
-                "inconclusive",
-                None,
-                None,
-                None,
-                "the policy does not read the image here: grey changes neither its accuracy "
-                f"(gap < {self.min_accuracy_gap:g}) nor its distributions (KL < {self.min_floor_divergence:g})",
-            )
-        position = max(defined)
-        if role == PRESERVING:
-            if position <= self.preserving_max:
-                label, why = PRESERVING, f"keeps the policy near the identity ({numbers})"
-            elif position >= self.removing_min:
-                label, why = "misplaced", f"removes what the task needs: at least halfway to grey ({numbers})"
-            else:
-                label, why = "partial", f"removes part of what the task needs ({numbers})"
-        else:
-            if position >= self.removing_min:
-                label, why = REMOVING, f"moves the policy at least halfway to grey ({numbers})"
-            elif position <= self.preserving_max:
-                label, why = "misplaced", f"leaves what the task needs: close to the identity ({numbers})"
-            else:
-                label, why = "partial", f"removes only part of what the task needs ({numbers})"
-        return Verdict(label, position, accuracy, divergence, why)
-
-
-def _position_text(accuracy: float | None, divergence: float | None) -> str:
-    parts = []
-    if accuracy is not None:
-        parts.append(f"accuracy position {accuracy:.2f}")
-    if divergence is not None:
-        parts.append(f"KL position {divergence:.2f}")
-    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- token sums
@@ -396,135 +169,6 @@ def pair_token_sums(
 # ---------------------------------------------------------------------------------------------- results
 
 
-@dataclass
-class AuditResult:
-    """Everything the audit measured and concluded.
-
-    Attributes:
-        views: the audited views (transforms of each pool, candidates, the grey floor, the pool draws).
-        groups: group names, ``"all"`` first.
-        figures: group -> view name -> :class:`ViewFigures` (``"original"`` included).
-        verdicts: group -> view name -> :class:`Verdict` (transforms of the two pools and candidates).
-        pairs: group -> ``"I+ name|I- name"`` -> :class:`PairFigures`.
-        configured: group -> the CPL direction of the pools as configured (one draw of each per example).
-        proposal: see :func:`propose_pools`.
-        rule: the verdict thresholds.
-        settings: how the audit ran (examples, samples, temperature, grader, seconds, ...).
-        examples: a few examples for the report: id, question, answer, group, images (view -> uint8
-            ``[H, W, 3]``) and completions (view -> ``{"text", "correct"}``).
-    """
-
-    views: list[AuditView]
-    groups: list[str]
-    figures: dict[str, dict[str, ViewFigures]]
-    verdicts: dict[str, dict[str, Verdict]]
-    pairs: dict[str, dict[str, PairFigures]]
-    configured: dict[str, PairFigures]
-    proposal: dict[str, Any]
-    rule: VerdictRule
-    settings: dict[str, Any] = field(default_factory=dict)
-    examples: list[dict[str, Any]] = field(default_factory=list)
-
-    def view(self, name: str) -> AuditView:
-        """The audited view called ``name``."""
-        return next(view for view in self.views if view.name == name)
-
-    def transforms(self, role: str, candidates: bool | None = None) -> list[AuditView]:
-        """The transforms of one pool (``candidates``: only candidates, only configured, or both)."""
-        return [
-            view
-            for view in self.views
-            if view.role == role and (candidates is None or view.candidate == candidates)
-        ]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (examples without their images)."""
-        return {
-            "settings": self.settings,
-            "rule": dataclasses.asdict(self.rule),
-            "views": [dataclasses.asdict(view) for view in self.views],
-            "groups": self.groups,
-            "figures": {
-                group: {name: dataclasses.asdict(value) for name, value in views.items()}
-                for group, views in self.figures.items()
-            },
-            "verdicts": {
-                group: {name: dataclasses.asdict(value) for name, value in views.items()}
-                for group, views in self.verdicts.items()
-            },
-            "pairs": {
-                group: {name: dataclasses.asdict(value) for name, value in pairs.items()}
-                for group, pairs in self.pairs.items()
-            },
-            "configured_pools": {
-                group: dataclasses.asdict(value) for group, value in self.configured.items()
-            },
-            "proposal": self.proposal,
-            "examples": [
-                {key: value for key, value in example.items() if key != "images"} for example in self.examples
-            ],
-        }
-
-
-def pair_key(preserving: str, removing: str) -> str:
-    """Key of an ``(I+, I-)`` pair in :attr:`AuditResult.pairs`."""
-    return f"{preserving}|{removing}"
-
-
-def propose_pools(
-    views: Sequence[AuditView],
-    verdicts: Mapping[str, Mapping[str, Verdict]],
-    pairs: Mapping[str, Mapping[str, PairFigures]],
-) -> dict[str, Any]:
-    """Pools from the audited transforms that passed: ``I+`` preserving and ``I-`` removing.
-
-    A transform is kept when its verdict over all examples is its pool's good verdict and no group of
-    questions calls it misplaced; an ``I+`` transform also must not be partial for any group (one that
-    removes part of what a group's answers need makes the CPL teach the policy to ignore that part, while
-    an ``I-`` that removes only part merely weakens the contrast). The expected CPL direction of the proposal is the mean over its
-    ``(I+, I-)`` pairs (each transform applied, i.e. ``p = 1``; every pair equally likely, as a uniform
-    draw from each pool makes them).
-
-    Returns:
-        ``preserving`` and ``removing`` (names kept), ``dropped`` (name -> reason), ``direction`` (None when
-        a pool is empty), and ``complete`` (both pools non-empty).
-    """
-    kept: dict[str, list[str]] = {PRESERVING: [], REMOVING: []}
-    dropped: dict[str, str] = {}
-    for view in views:
-        if view.role not in kept:
-            continue
-        overall = verdicts[ALL][view.name]
-        misplaced_in = [
-            group
-            for group, by_view in verdicts.items()
-            if group != ALL and by_view[view.name].label == "misplaced"
-        ]
-        partial_in = [
-            group
-            for group, by_view in verdicts.items()
-            if group != ALL and view.role == PRESERVING and by_view[view.name].label == "partial"
-        ]
-        if overall.label == view.role and not misplaced_in and not partial_in:
-            kept[view.role].append(view.name)
-        elif misplaced_in or partial_in:
-            reasons = [f"misplaced for {', '.join(misplaced_in)}"] if misplaced_in else []
-            reasons += [f"partial for {', '.join(partial_in)}"] if partial_in else []
-            dropped[view.name] = "; ".join(reasons)
-        else:
-            dropped[view.name] = f"{overall.label} over all questions"
-    values = [pairs[ALL][pair_key(p, r)].direction for p in kept[PRESERVING] for r in kept[REMOVING]]
-    values = [value for value in values if value is not None]
-    direction = float(np.mean(values)) if values else None
-    return {
-        PRESERVING: kept[PRESERVING],
-        REMOVING: kept[REMOVING],
-        "dropped": dropped,
-        "direction": direction,
-        "complete": bool(kept[PRESERVING] and kept[REMOVING]),
-    }
-
-
 # ---------------------------------------------------------------------------------------------- sampling
 
 
@@ -612,6 +256,8 @@ def _ratio(numerator: float, denominator: float) -> float:
 class PoolAudit:
     """Runs the audit batch by batch; :meth:`result` gives the figures, verdicts and proposal.
 
+    :meth:`from_module` builds one with the settings of a :class:`~cppo_lightning.module.CPPOModule`.
+
     Args:
         model: the policy (evaluated in eval mode, without gradient).
         tokenizer: its tokenizer (decodes the completions).
@@ -622,16 +268,14 @@ class PoolAudit:
         samples: ``k`` completions per question and view (at least 2: advantages are group-normalised).
         eos_token_ids: ids that end a completion.
         pad_token_id: padding id for ``generate``.
-        top_ratio: CPPO's ``rho``.
-        tau: CPPO's ``tau``.
-        advantage_gating: select perception tokens only in rows with ``A > 0`` (CPPO's default).
-        advantage_scale: ``"std"`` or ``"none"`` (the objective's).
-        max_rows: rollouts per stacked forward (the update's ``micro_batch_rollouts``).
-        max_tokens: token budget per stacked forward (the update's ``max_tokens_per_forward``).
-        chunk_tokens: response positions per chunk of the LM head.
+        objective: training's objective: its advantage scale, and for CPPO its perception-token selection
+            (``rho``, ``tau``, advantage gating); CPPO's defaults select the tokens of a GRPO or PAPO objective
+            (None: :class:`~cppo_lightning.objectives.CPPO` with its defaults).
+        update: training's update settings: rollouts and tokens per stacked forward, LM-head chunk (None: one
+            forward over all rows).
         seed: sampling seed.
         group_key: metadata column that groups the questions (None: no groups).
-        rule: the verdict thresholds.
+        rule: the verdict thresholds (None: the defaults).
         keep_examples: examples kept (images and completions) for the report.
         view_accuracy: sample and grade under every view; False samples under ``I`` only (the cheap
             mode for large models: the verdicts then rest on the divergences alone).
@@ -650,16 +294,11 @@ class PoolAudit:
         samples: int,
         eos_token_ids: list[int],
         pad_token_id: int,
-        top_ratio: float = 0.5,
-        tau: float = 0.1,
-        advantage_gating: bool = True,
-        advantage_scale: str = "std",
-        max_rows: int | None = None,
-        max_tokens: int | None = None,
-        chunk_tokens: int | None = None,
+        objective: Objective | None = None,
+        update: UpdateConfig | None = None,
         seed: int = 0,
         group_key: str | None = "family",
-        rule: VerdictRule = VerdictRule(),
+        rule: VerdictRule | None = None,
         keep_examples: int = 3,
         view_accuracy: bool = True,
         max_generate_rows: int | None = None,
@@ -680,16 +319,17 @@ class PoolAudit:
         self.samples = samples
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id
-        self.top_ratio = top_ratio
-        self.tau = tau
-        self.advantage_gating = advantage_gating
-        self.advantage_scale = advantage_scale
-        self.max_rows = max_rows
-        self.max_tokens = max_tokens
-        self.chunk_tokens = chunk_tokens
+        objective = objective if objective is not None else CPPO()
+        selection = objective if isinstance(objective, CPPO) else CPPO()
+        self.top_ratio, self.tau = selection.top_ratio, selection.tau
+        self.advantage_gating = selection.advantage_gating
+        self.advantage_scale = objective.advantage_scale
+        self.max_rows = update.micro_batch_rollouts if update else None
+        self.max_tokens = update.max_tokens_per_forward if update else None
+        self.chunk_tokens = update.logits_chunk_tokens if update else None
         self.seed = seed
         self.group_key = group_key
-        self.rule = rule
+        self.rule = rule or VerdictRule()
         self.keep_examples = keep_examples
         self.view_accuracy = view_accuracy
         self.max_generate_rows = max_generate_rows
@@ -702,6 +342,44 @@ class PoolAudit:
         self._views = _Sums()
         self._pairs = _Sums()
         self._group_names: list[str] = []
+
+    @classmethod
+    def from_module(
+        cls,
+        module: CPPOModule,
+        views: Sequence[AuditView],
+        *,
+        device: torch.device | str | None = None,
+        samples: int | None = None,
+        **settings,
+    ) -> PoolAudit:
+        """The audit of a module's policy with the module's own settings.
+
+        The grader is the module's evaluation grader; the rewards, sampling settings, seed, objective and
+        update budgets are training's. The policy is the module's when it is loaded, else loaded onto
+        ``device`` without a reference (:func:`~cppo_lightning.models.loading.load_policy_on`); it is put
+        in eval mode.
+
+        Args:
+            module: a :class:`~cppo_lightning.module.CPPOModule` (configured, e.g. by the LightningCLI).
+            views: the views every batch carries besides ``"original"``.
+            device: where to load the policy (None: the CPU).
+            samples: ``k`` completions per question and view (None: the rollout's ``G``).
+            settings: ``group_key``, ``rule``, ``keep_examples``, ``view_accuracy``, ``max_generate_rows``
+                (as for :class:`PoolAudit`).
+        """
+        from cppo_lightning.models.loading import load_policy_on
+
+        policy = module.policy
+        if policy is None:
+            policy = load_policy_on(module.policy_config, device, reference=False)
+        policy.model.eval()
+        tokenizer = policy.processor.tokenizer
+        eos, pad = generation_token_ids(policy.model, tokenizer)
+        rollout = module.rollout_config
+        return cls(policy.model, tokenizer, views, module.eval_grader, module.rewards, rollout,
+                   samples or rollout.samples_per_prompt, eos, pad, module.objective, module.update_config,
+                   module.seed, **settings)  # fmt: skip
 
     # ---- one batch --------------------------------------------------------------------------
 

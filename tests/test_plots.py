@@ -8,9 +8,8 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from callbacks import plot_runs
-from callbacks.plots import main, read_metrics, runs_figure, smoothed
 from cppo_lightning.objectives import CPPO, GRPO
+from cppo_lightning.plots import main, plot_runs, read_metrics, runs_figure, smoothed
 
 # The tiny data module and module builder live beside the perception tests (one definition for all).
 from helpers import HandWrittenDataModule, small_module
@@ -125,7 +124,7 @@ def test_smoothing_is_a_trailing_mean():
 
 
 def test_groups_figure_draws_the_mean_over_seeds(tmp_path):
-    from callbacks.plots import groups_figure
+    from cppo_lightning.plots import groups_figure
 
     def run(name, values):
         folder = tmp_path / name
