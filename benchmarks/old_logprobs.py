@@ -28,60 +28,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-KEYS = ("time/rollout_s", "time/scoring_s", "time/update_s")
-
-
-def varied_reward(prompts, completions, answers, **columns):
-    """Differs between samples of an untrained model, so that advantages are not all 0."""
-    return [float(len(completion) % 2) for completion in completions]
-
 
 def run(source: str, model: str, steps: int, batch_size: int, max_new_tokens: int) -> dict[str, float]:
-    """Median per-step timings of ``steps`` steps (after a warm-up) with ``update.old_logprobs: source``."""
-    import lightning.pytorch as pl
+    """Median per-step timings of CPPO with ``update.old_logprobs: source``, two optimizer steps per RL step."""
+    from step_time import run_objective
 
-    from cppo_lightning import CPPOModule, PolicyConfig, RolloutConfig, UpdateConfig
-    from cppo_lightning.objectives import CPPO
-    from datamodules import SyntheticVQADataModule
-
-    rows: list[dict[str, float]] = []
-
-    class Timings(pl.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            rows.append({key: float(trainer.callback_metrics[key]) for key in KEYS})
-
-    module = CPPOModule(
-        policy=PolicyConfig(model),
-        objective=CPPO(),
-        rollout=RolloutConfig(samples_per_prompt=5, max_new_tokens=max_new_tokens),
-        update=UpdateConfig(
-            mini_batch_prompts=batch_size // 2, micro_batch_rollouts=batch_size * 5, old_logprobs=source
-        ),
-        reward_functions={"old_logprobs.varied_reward": 1.0},
+    result = run_objective(
+        "cppo",
+        model,
+        steps,
+        batch_size,
+        max_new_tokens,
+        mini_batch_prompts=batch_size // 2,
+        old_logprobs=source,
     )
-    data = SyntheticVQADataModule(
-        train_size=batch_size * (steps + 1),
-        val_size=0,
-        test_size=0,
-        batch_size=batch_size,
-        processor_name_or_path=model,
-        seed=1,
-    )
-    trainer = pl.Trainer(
-        max_steps=2 * (steps + 1),  # two optimizer steps per RL step
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Timings()],
-        accelerator="auto",
-        devices=1,
-    )
-    trainer.fit(module, datamodule=data)
-    assert module.old_policy_forwards == (0 if source == "sampler" else steps + 1)
-    timings = {key: statistics.median(row[key] for row in rows[1:]) for key in KEYS}
-    timings["step_s"] = statistics.median(row["time/rollout_s"] + row["time/update_s"] for row in rows[1:])
-    return timings
+    assert result["old_policy_forwards"] == (0 if source == "sampler" else steps + 1)
+    return result
 
 
 def main() -> None:
@@ -108,8 +70,9 @@ def main() -> None:
                 results[source].append(
                     run(source, model, options.steps, options.batch_size, options.max_new_tokens)
                 )
+    keys = ("step_s", "rollout_s", "update_s", "scoring_s")
     merged = {
-        source: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        source: {key: statistics.median(run[key] for run in runs) for key in keys}
         for source, runs in results.items()
     }
     print(
@@ -120,16 +83,16 @@ def main() -> None:
     print(f"{'old_logprobs:':28s}{'policy':>10s}{'sampler':>10s}{'sampler/policy':>16s}")
     for key, label in (
         ("step_s", "step time (s, median)"),
-        ("time/rollout_s", "  rollout (s)"),
-        ("time/update_s", "  update (s)"),
-        ("time/scoring_s", "    old-policy scoring (s)"),
+        ("rollout_s", "  rollout (s)"),
+        ("update_s", "  update (s)"),
+        ("scoring_s", "    old-policy scoring (s)"),
     ):
         policy, sampler = merged["policy"][key], merged["sampler"][key]
         ratio = f"{sampler / policy:16.2f}" if policy > 0 else f"{'':16s}"
         print(f"{label:28s}{policy:10.3f}{sampler:10.3f}{ratio}")
     policy = merged["policy"]
     print(
-        f"old-policy scoring is {policy['time/scoring_s'] / policy['step_s']:.1%} of a step with old_logprobs: policy"
+        f"old-policy scoring is {policy['scoring_s'] / policy['step_s']:.1%} of a step with old_logprobs: policy"
     )
 
 

@@ -57,16 +57,25 @@ class Timings:
         class Callback(pl.Callback):
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
                 metrics = trainer.callback_metrics
-                outer.rows.append({k: float(metrics[k]) for k in ("time/rollout_s", "time/update_s")})
+                keys = ("time/rollout_s", "time/update_s", "time/scoring_s")
+                outer.rows.append({k: float(metrics[k]) for k in keys})
 
         self.rows: list[dict[str, float]] = []
         self.callback = Callback()
 
 
 def run_objective(
-    name: str, model: str, steps: int, batch_size: int, max_new_tokens: int, shared_prefix: bool = True
+    name: str,
+    model: str,
+    steps: int,
+    batch_size: int,
+    max_new_tokens: int,
+    shared_prefix: bool = True,
+    reward: str = "step_time.varied_reward",
+    **update,
 ) -> dict:
-    """Train ``steps`` steps with one objective; return timings and peak memory (runs in a child)."""
+    """Train ``steps`` steps (after a warm-up step) with one objective; return the median timings and the
+    peak memory (run it in a child process for a peak of its own). ``update``: more UpdateConfig settings."""
     import lightning.pytorch as pl
     import torch
 
@@ -80,9 +89,11 @@ def run_objective(
         policy=PolicyConfig(model),
         objective=objective,
         rollout=RolloutConfig(samples_per_prompt=5, max_new_tokens=max_new_tokens),
-        update=UpdateConfig(micro_batch_rollouts=batch_size * 5, shared_prefix=shared_prefix),
-        reward_functions={"step_time.varied_reward": 1.0},
+        update=UpdateConfig(micro_batch_rollouts=batch_size * 5, shared_prefix=shared_prefix, **update),
+        reward_functions={reward: 1.0},
     )
+    mini = update.get("mini_batch_prompts")
+    optimizer_steps = batch_size // mini if mini else 1  # per RL step
     data = SyntheticVQADataModule(
         train_size=batch_size * (steps + 1),
         val_size=0,
@@ -93,7 +104,7 @@ def run_objective(
     )
     timings = Timings()
     trainer = pl.Trainer(
-        max_steps=steps + 1,
+        max_steps=optimizer_steps * (steps + 1),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -115,6 +126,8 @@ def run_objective(
     return {
         "rollout_s": statistics.median(r["time/rollout_s"] for r in rows),
         "update_s": statistics.median(r["time/update_s"] for r in rows),
+        "scoring_s": statistics.median(r["time/scoring_s"] for r in rows),
+        "old_policy_forwards": module.old_policy_forwards,
         "step_s": statistics.median(r["time/rollout_s"] + r["time/update_s"] for r in rows),
         "peak_gb": peak_memory_gb(module.device),
         "baseline_gb": baseline,

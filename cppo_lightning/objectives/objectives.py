@@ -530,21 +530,8 @@ class GRPO(Objective):
         - ``loss``, ``policy_loss``, ``kl``, ``clip_fraction``, ``dual_clip_fraction``,
           ``ratio_mean``, ``entropy``: see ``Objective``.
 
-    Args:
-        beta: Weight of the k3 KL to the reference policy; 0 skips the reference forward.
-        eps_low: Lower clip range of the importance ratio (``rho >= 1 - eps_low``).
-        eps_high: Upper clip range of the importance ratio (``rho <= 1 + eps_high``).
-        dual_clip: Dual-clip constant (> 1) bounding the loss of tokens with negative
-            advantage; None disables it.
-        aggregation: ``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"``
-            (Dr. GRPO) or the release's ``"micro-batch-token-mean"`` (see ``Objective``).
-        advantage_scale: ``"std"`` (GRPO) or ``"none"`` (Dr. GRPO, no division by the group
-            std); read by the training module when it computes advantages.
-        rollout_correction: Sampler/learner mismatch correction of the policy gradient (see
-            ``Objective``): ``"none"``, ``"token_truncate"``, ``"token_mask"``,
-            ``"sequence_truncate"`` or ``"sequence_mask"``.
-        correction_cap: Truncation level of the ``*_truncate`` modes (>= 1).
-        correction_band: ``[low, high]`` kept by the ``*_mask`` modes.
+    Args: those of :class:`Objective` (beta, the clip ranges, aggregation, advantage scale, rollout
+    correction).
     """
 
 
@@ -574,21 +561,7 @@ class CPPO(GRPO):
         - ``entropy_shift``: mean ``H^{I-} - H^I`` over the response tokens of the view rows
           (with the perception mask).
 
-    Args:
-        beta: Weight of the k3 KL to the reference policy; 0 skips the reference forward.
-        eps_low: Lower clip range of the importance ratio (``rho >= 1 - eps_low``).
-        eps_high: Upper clip range of the importance ratio (``rho <= 1 + eps_high``).
-        dual_clip: Dual-clip constant (> 1) bounding the loss of tokens with negative
-            advantage; None disables it.
-        aggregation: ``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"``
-            (Dr. GRPO) or the release's ``"micro-batch-token-mean"`` (see ``Objective``).
-        advantage_scale: ``"std"`` (GRPO) or ``"none"`` (Dr. GRPO, no division by the group
-            std); read by the training module when it computes advantages.
-        rollout_correction: Sampler/learner mismatch correction of the policy gradient (see
-            ``Objective``): ``"none"``, ``"token_truncate"``, ``"token_mask"``,
-            ``"sequence_truncate"`` or ``"sequence_mask"``.
-        correction_cap: Truncation level of the ``*_truncate`` modes (>= 1).
-        correction_band: ``[low, high]`` kept by the ``*_mask`` modes.
+    Args (besides those of :class:`Objective`):
         cpl_weight: ``lambda``, weight of the Contrastive Perception Loss (release: 0.01).
         tau: Temperature of the CPL softplus, positive.
         top_ratio: ``rho`` in (0, 1], fraction of each row's eligible tokens kept as
@@ -736,21 +709,7 @@ class PAPO(GRPO):
         - ``implicit_perception_loss``: ``-tokenmean k3(lp^I, lp^{Imask})`` (before ``gamma``).
         - ``double_entropy``: the weighted double entropy term (when either weight is > 0).
 
-    Args:
-        beta: Weight of the k3 KL to the reference policy; 0 skips the reference forward.
-        eps_low: Lower clip range of the importance ratio (``rho >= 1 - eps_low``).
-        eps_high: Upper clip range of the importance ratio (``rho <= 1 + eps_high``).
-        dual_clip: Dual-clip constant (> 1) bounding the loss of tokens with negative
-            advantage; None disables it.
-        aggregation: ``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"``
-            (Dr. GRPO) or the release's ``"micro-batch-token-mean"`` (see ``Objective``).
-        advantage_scale: ``"std"`` (GRPO) or ``"none"`` (Dr. GRPO, no division by the group
-            std); read by the training module when it computes advantages.
-        rollout_correction: Sampler/learner mismatch correction of the policy gradient (see
-            ``Objective``): ``"none"``, ``"token_truncate"``, ``"token_mask"``,
-            ``"sequence_truncate"`` or ``"sequence_mask"``.
-        correction_cap: Truncation level of the ``*_truncate`` modes (>= 1).
-        correction_band: ``[low, high]`` kept by the ``*_mask`` modes.
+    Args (besides those of :class:`Objective`):
         perception_weight: ``gamma``, weight of the implicit perception loss.
         entropy_weight_original: ``eta1``, weight of the entropy under the original image
             (PAPO: 0.05 for 7B, 0 for 3B).

@@ -88,24 +88,22 @@ def test_old_logprobs_from_the_sampler_skip_the_old_policy_pass_and_give_the_sam
     assert 0 <= metric(sampler_trainer, "sampler_kl") < 1e-6
 
 
-def first_token(mask):
-    """-ln 4 on each response's first token: the sampler gave it a quarter of the policy's probability."""
-    shift = torch.zeros(mask.shape)
-    shift[:, 0] = -LOG4
-    return shift
+def quarter(rows=slice(None), tokens=slice(None)):
+    """A shift of -ln 4 on ``[rows, tokens]``: the sampler gave those tokens a quarter of the policy's
+    probability (weight ``pi_old / mu = 4``)."""
 
+    def shift(mask):
+        values = torch.zeros(mask.shape)
+        values[rows, tokens] = -LOG4
+        return values
 
-def even_rows(mask):
-    """-ln 4 on every token of the even rows."""
-    shift = torch.zeros(mask.shape)
-    shift[::2] = -LOG4
     return shift
 
 
 def test_an_injected_token_mismatch_is_truncated_at_the_cap(tiny_qwen):
     module, trainer, _ = train(
         tiny_qwen,
-        engine=InjectedMismatch(first_token),
+        engine=InjectedMismatch(quarter(tokens=0)),
         objective=GRPO(beta=0.0, rollout_correction="token_truncate"),
     )
     mask = module.last_rollout.completion_mask
@@ -121,7 +119,7 @@ def test_an_injected_token_mismatch_is_truncated_at_the_cap(tiny_qwen):
 def test_an_injected_sequence_mismatch_masks_whole_responses(tiny_qwen):
     module, trainer, _ = train(
         tiny_qwen,
-        engine=InjectedMismatch(even_rows),
+        engine=InjectedMismatch(quarter(rows=slice(None, None, 2))),
         objective=GRPO(beta=0.0, rollout_correction="sequence_mask"),
     )
     mask = module.last_rollout.completion_mask
