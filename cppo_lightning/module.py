@@ -182,9 +182,16 @@ class CPPOModule(pl.LightningModule):
             raise ValueError("batch sizes do not fit: " + "; ".join(problems))
 
     @property
-    def needs_sampler_logprobs(self) -> bool:
-        """Whether the update reads the sampler's log-probs (``old_logprobs: sampler``, a rollout correction)."""
-        return self.update_config.old_logprobs == "sampler" or self.objective.rollout_correction != "none"
+    def sampler_logprob_settings(self) -> list[str]:
+        """The settings that make the update read the sampler's log-probs (empty: none does)."""
+        settings = []
+        if self.update_config.old_logprobs == "sampler":
+            settings.append("model.update.old_logprobs: sampler")
+        if self.objective.rollout_correction != "none":
+            settings.append(
+                f"model.objective.init_args.rollout_correction: {self.objective.rollout_correction}"
+            )
+        return settings
 
     @property
     def required_views(self) -> tuple[str, ...]:
@@ -214,9 +221,9 @@ class CPPOModule(pl.LightningModule):
             self.rollout_config,
             self.policy,
             synced_gpus=self._synced_generation,
-            report_logprobs=self.needs_sampler_logprobs,
+            report_logprobs=bool(self.sampler_logprob_settings),
         )
-        check_sampler_logprobs(self.engine, self.rollout_config.engine, self.needs_sampler_logprobs)
+        check_sampler_logprobs(self.engine, self.rollout_config.engine, self.sampler_logprob_settings)
         if self.update_config.shared_prefix:
             # Installed before the first forward, so every step (generation too) runs the same attention
             # code: a resumed run then repeats the uninterrupted one bit for bit.

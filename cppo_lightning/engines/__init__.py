@@ -55,16 +55,21 @@ def build_engine(
     raise ValueError(f"model.rollout.engine must be one of {ENGINES}, got {rollout.engine!r}")
 
 
-def check_sampler_logprobs(engine: RolloutEngine, name: str, needed: bool) -> None:
+def check_sampler_logprobs(engine: RolloutEngine, name: str, settings: list[str]) -> None:
     """Refuse, at start-up, an engine that reports no log-probs when the update needs them.
 
+    Args:
+        engine: the built engine.
+        name: ``model.rollout.engine``.
+        settings: the settings that need the sampler's log-probs (empty: nothing is checked).
+
     Raises:
-        ValueError: naming the engine and the two settings that need its log-probs.
+        ValueError: naming the engine and those settings.
     """
-    if needed and not getattr(engine, "reports_logprobs", False):
+    if settings and not getattr(engine, "reports_logprobs", False):
         raise ValueError(
-            f"model.update.old_logprobs: sampler and model.objective.init_args.rollout_correction need the "
-            f"sampler's log-probs, and the rollout engine {name!r} ({type(engine).__name__}) reports none"
+            f"{' and '.join(settings)} need the sampler's log-probs, and the rollout engine {name!r} "
+            f"({type(engine).__name__}) reports none"
         )
 
 

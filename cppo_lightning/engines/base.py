@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from cppo_lightning.objectives.functional import k3_kl
+
 if TYPE_CHECKING:
     from cppo_lightning.batch import PromptBatch
     from cppo_lightning.models.loading import Policy
@@ -113,8 +115,6 @@ def sampler_kl(sampler_logprobs: Tensor, policy_logprobs: Tensor, mask: Tensor) 
         policy_logprobs (Tensor): [N, C] the same tokens under the trained policy.
         mask (Tensor): [N, C] bool, the response tokens measured.
     """
-    from cppo_lightning.objectives.functional import k3_kl
-
     mask = mask.bool()
     per_token = k3_kl(sampler_logprobs.float(), policy_logprobs.float())
     per_row = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(dim=1)

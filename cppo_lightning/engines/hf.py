@@ -13,7 +13,7 @@ from cppo_lightning.batch import ORIGINAL, PromptBatch
 from cppo_lightning.engines.base import Generation, eos_and_pad
 from cppo_lightning.models.loading import Policy
 from cppo_lightning.models.scoring import LanguageModelHead, completion_mask
-from cppo_lightning.sampling import RolloutConfig
+from cppo_lightning.sampling import EvaluationSampling, RolloutConfig
 from cppo_lightning.sharding import run_gathered
 
 
@@ -31,7 +31,7 @@ class HFEngine:
         synced_gpus: whether every rank must run the same number of decoding steps (sharded
             strategies: FSDP, DeepSpeed); a callable is asked at every call.
         report_logprobs: fill ``Generation.sampler_logprobs`` for sampled rows (temperature > 0): the
-            log-prob of each sampled token under ``softmax(logits / temperature)``, as the update scores
+            log-prob of each sampled training token under ``softmax(logits / temperature)``, as the update scores
             it (see :class:`SampledTokenLogprobs`). They equal the policy's to float rounding; the module
             asks for them for ``update.old_logprobs: sampler`` and the rollout correction.
     """
@@ -56,7 +56,10 @@ class HFEngine:
             # calls, also when a rank holds fewer rows (its extra calls decode a row again, discarded).
             calls = most_calls(calls, next(policy.model.parameters()).device)
         parts = []
-        report = self.reports_logprobs and config.temperature > 0
+        # Training rollouts only: validation and test read no log-probs.
+        report = (
+            self.reports_logprobs and config.temperature > 0 and not isinstance(config, EvaluationSampling)
+        )
         with sampling_mode(policy.model):
             for call in range(calls):
                 start = call * step

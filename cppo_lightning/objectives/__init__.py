@@ -83,11 +83,13 @@ __all__ = [
 ]
 
 
+_REGISTRY = {"grpo": GRPO, "cppo": CPPO, "papo": PAPO}
+
+
 def _build_objective(name: str, **kwargs):
-    registry = {"grpo": GRPO, "cppo": CPPO, "papo": PAPO}
-    if name.lower() not in registry:
-        raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(registry)}")
-    return registry[name.lower()](**kwargs)
+    if name.lower() not in _REGISTRY:
+        raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name.lower()](**kwargs)
 
 
 def __getattr__(name: str):
@@ -101,5 +103,5 @@ def __getattr__(name: str):
             DeprecationWarning,
             stacklevel=2,
         )
-        return {"grpo": GRPO, "cppo": CPPO, "papo": PAPO} if name == "OBJECTIVES" else _build_objective
+        return dict(_REGISTRY) if name == "OBJECTIVES" else _build_objective
     raise AttributeError(f"module 'cppo_lightning.objectives' has no attribute {name!r}")

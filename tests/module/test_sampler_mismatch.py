@@ -152,10 +152,13 @@ def test_the_sampler_as_old_policy_and_a_correction_are_refused_together(tiny_qw
 
 
 def test_an_engine_without_log_probs_is_refused_at_start_up():
-    with pytest.raises(ValueError, match="rollout engine 'hf' \\(HFEngine\\) reports none"):
-        check_sampler_logprobs(HFEngine(), "hf", needed=True)
-    check_sampler_logprobs(HFEngine(), "hf", needed=False)
-    check_sampler_logprobs(HFEngine(report_logprobs=True), "hf", needed=True)
+    needed = ["model.update.old_logprobs: sampler"]
+    with pytest.raises(
+        ValueError, match="old_logprobs: sampler need .* engine 'hf' \\(HFEngine\\) reports none"
+    ):
+        check_sampler_logprobs(HFEngine(), "hf", needed)
+    check_sampler_logprobs(HFEngine(), "hf", [])
+    check_sampler_logprobs(HFEngine(report_logprobs=True), "hf", needed)
 
 
 def test_old_logprobs_must_name_a_source():
