@@ -48,9 +48,10 @@ clean:
 demo: $(STAMP)
 	$(VENV)/bin/cppo demo --output runs/demo
 
-# GRPO vs CPPO vs PAPO from the same warm start, 3 seeds each (about an hour on 2 cores).
+# GRPO, PAPO, CPPO (release pools) and CPPO (audited pools) from the same warm start, 3 seeds each, two runs
+# at a time (see the README for the wall time on 2 cores).
 study: $(STAMP)
-	$(VENV)/bin/cppo study --output runs/study
+	$(VENV)/bin/cppo study --jobs 2 --output runs/study
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/step_time.py

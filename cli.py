@@ -80,14 +80,22 @@ def _study(argv: list[str]) -> int:
         "held-out avg@k as a table (mean, std) and an overlaid plot.",
     )
     add = parser.add_argument
-    add("--objectives", default="grpo,cppo,papo")
+    add("--objectives", default="grpo,papo,cppo,cppo_audited")
     add("--seeds", default="0,1,2")
     add("--warmstart-config", default="configs/demo/warmstart.yaml")
     add("--output", default="runs/study")
     add("--warmstart-args", default="")
     add("--fit-args", default="")
     add("--tag", default="", help="suffix of run names, table labels and result files")
+    add("--group-by", default="family", help="test data column to report avg@k per value of ('' = none)")
+    add(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each in its own process (CPU: cores / jobs threads each)",
+    )
     settings = vars(parser.parse_args(argv))
+    settings["group_by"] = settings["group_by"] or None
     objectives, seeds = settings.pop("objectives").split(","), settings.pop("seeds").split(",")
     table, plot = study(objectives=objectives, seeds=seeds, **settings)
     print(table)

@@ -23,7 +23,7 @@ import math
 import re
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class BenchmarkResult:
         per_sample: ``k`` accuracies: sample ``j`` of every question.
         skipped: questions left out at set-up, by reason.
         source: where the data came from.
+        groups: the same figures per value of a dataset column (``EvaluationReport(group_by=...)``), sorted
+            by value; empty when not grouped.
     """
 
     name: str
@@ -63,6 +65,7 @@ class BenchmarkResult:
     per_sample: list[float]
     skipped: dict[str, int] = field(default_factory=dict)
     source: str = ""
+    groups: dict[str, BenchmarkResult] = field(default_factory=dict)
 
     @property
     def avg(self) -> float:
@@ -75,14 +78,33 @@ class BenchmarkResult:
         return statistics.stdev(self.per_sample) if len(self.per_sample) > 1 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "avg": self.avg, "std": self.std}
+        data = {field.name: getattr(self, field.name) for field in fields(self) if field.name != "groups"}
+        data = {**data, "avg": self.avg, "std": self.std}
+        if self.groups:
+            data["groups"] = {value: result.to_dict() for value, result in self.groups.items()}
+        return data
 
 
-def benchmark_result(name: str, grades: Sequence[Sequence[float]], **kwargs: Any) -> BenchmarkResult:
-    """The result of ``Q`` questions with ``k`` grades each (``grades`` ``[Q][k]``, 0/1)."""
+def benchmark_result(
+    name: str,
+    grades: Sequence[Sequence[float]],
+    groups: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> BenchmarkResult:
+    """The result of ``Q`` questions with ``k`` grades each (``grades`` ``[Q][k]``, 0/1).
+
+    ``groups``: one value per question (say its question type); the result then also holds the figures of
+    each value's questions in :attr:`BenchmarkResult.groups`.
+    """
+    if groups is not None and len(groups) != len(grades):
+        raise ValueError(f"{name}: {len(groups)} group values for {len(grades)} questions")
+    by_group = {
+        value: benchmark_result(f"{name}/{value}", [g for g, v in zip(grades, groups) if v == value])
+        for value in sorted(set(groups or ()))
+    }
     grades = torch.as_tensor(grades, dtype=torch.float64).reshape(len(grades), -1)
     per_sample = grades.mean(dim=0).tolist() if len(grades) else []
-    return BenchmarkResult(name, len(grades), grades.shape[1], per_sample, **kwargs)
+    return BenchmarkResult(name, len(grades), grades.shape[1], per_sample, groups=by_group, **kwargs)
 
 
 def mean_result(results: Sequence[BenchmarkResult]) -> BenchmarkResult:
@@ -130,6 +152,14 @@ def format_report(models: dict[str, list[BenchmarkResult]], protocol: dict[str, 
     for result in next(iter(models.values())):
         skipped = ", ".join(f"{count} {reason}" for reason, count in result.skipped.items()) or "0"
         lines.append(f"| {result.name} | {result.source} | {result.questions} | {skipped} |")
+    for label, results in models.items():
+        grouped = [result for result in results if result.groups]
+        if grouped:
+            lines += ["", f"{label}, per {protocol.get('group_by', 'group')}:", ""]
+            lines += ["| benchmark | group | questions | avg@k ± std (%) |", "|---|---|---|---|"]
+        for result in grouped:
+            for value, group in result.groups.items():
+                lines.append(f"| {result.name} | {value} | {group.questions} | {_percent(group)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,14 +206,26 @@ class EvaluationReport(pl.Callback):
         output_dir: folder of the report; default: the trainer's ``log_dir``.
         label: the model's row in the table; default: the policy's ``model_name_or_path``.
         write_samples: also write ``samples.jsonl`` (completions of every question).
+        group_by: a dataset column (say the question type: the synthetic task's ``family``, MathVista's
+            ``question_type``); the report then also gives avg@k per value of it, per benchmark. Every test
+            question must have the column (the error names the first that does not).
+        write: write the files (False: keep the figures in :attr:`results` only, as ``cppo study`` does for
+            the warm start's evaluation).
     """
 
     def __init__(
-        self, output_dir: str | Path | None = None, label: str | None = None, write_samples: bool = True
+        self,
+        output_dir: str | Path | None = None,
+        label: str | None = None,
+        write_samples: bool = True,
+        group_by: str | None = None,
+        write: bool = True,
     ) -> None:
         self.output_dir = output_dir
+        self.write = write
         self.label = label
         self.write_samples = write_samples
+        self.group_by = group_by
         self.results: list[BenchmarkResult] = []
         self._records: list[dict[str, Any]] = []
         self._folder: Path | None = None
@@ -209,6 +251,7 @@ class EvaluationReport(pl.Callback):
                     "question": rollout.batch.questions[row] if rollout.batch.questions else "",
                     "answer": rollout.batch.answers[row],
                     "grades": grades[row],
+                    **({"group": self._group(rollout.batch, row)} if self.group_by else {}),
                     **(
                         {
                             "completions": completions,
@@ -219,6 +262,15 @@ class EvaluationReport(pl.Callback):
                     ),
                 }
             )
+
+    def _group(self, batch, row: int) -> str:
+        metadata = batch.metadata[row] if row < len(batch.metadata) else {}
+        if self.group_by not in metadata:
+            raise KeyError(
+                f"EvaluationReport(group_by={self.group_by!r}): test question {batch.ids[row]!r} has no "
+                f"{self.group_by!r} column (its columns: {sorted(metadata)})"
+            )
+        return str(metadata[self.group_by])
 
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -236,16 +288,20 @@ class EvaluationReport(pl.Callback):
         }
         count = max([len(names)] + [index + 1 for index, _ in unique])
         names += [f"test_{index}" for index in range(len(names), count)]
-        self.results = [
-            benchmark_result(
-                name,
-                [record["grades"] for (index, _), record in unique.items() if index == dataloader],
-                skipped=skips.get(name, {}),
-                source=sources.get(name, ""),
+        self.results = []
+        for dataloader, name in enumerate(names):
+            records_of = [record for (index, _), record in unique.items() if index == dataloader]
+            self.results.append(
+                benchmark_result(
+                    name,
+                    [record["grades"] for record in records_of],
+                    groups=[record["group"] for record in records_of] if self.group_by else None,
+                    skipped=skips.get(name, {}),
+                    source=sources.get(name, ""),
+                )
             )
-            for dataloader, name in enumerate(names)
-        ]
-        self._write(trainer, pl_module, list(unique.values()))
+        if self.write:
+            self._write(trainer, pl_module, list(unique.values()))
 
     @rank_zero_only
     def _write(
@@ -262,6 +318,7 @@ class EvaluationReport(pl.Callback):
             "max_new_tokens": getattr(evaluation, "max_new_tokens", None),
             "grader": _grader_name(getattr(evaluation, "reward", "")),
             "reward_function": getattr(evaluation, "reward", None),
+            **({"group_by": self.group_by} if self.group_by else {}),
         }
         markdown, _ = write_report({label: self.results}, self._folder, protocol)
         if self.write_samples:

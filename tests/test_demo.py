@@ -1,11 +1,14 @@
 """The main job in miniature: warm start -> held-out avg@k -> CPPO fit -> held-out avg@k, with its artefacts."""
 
 import json
+import os
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from cli import main
+from recipes.demo import study
 
 
 def test_demo_pipeline_in_miniature(tiny_qwen, tmp_path, capsys):
@@ -73,6 +76,8 @@ def test_study_in_miniature(tiny_qwen, tmp_path):
         "0,1",
         "--tag",
         "mini",
+        "--jobs",
+        "2",
     ]
     assert main([*argv, "--warmstart-args", warm_args, "--fit-args", fit_args]) == 0
 
@@ -89,3 +94,31 @@ def test_study_in_miniature(tiny_qwen, tmp_path):
     grpo = summary["results"]["grpo-mini"]
     assert f"| GRPO-MINI | {sum(grpo) / 2:.3f} ± " in table
     assert {p.name for p in tmp_path.iterdir()} >= {"grpo-mini-seed0", "cppo-mini-seed1", "study-mini.png"}
+    # Two runs at a time, each in its own process with half the cores.
+    assert summary["settings"]["jobs"] == 2
+    assert summary["settings"]["threads_per_run"] == max(1, (os.cpu_count() or 1) // 2)
+    # Per question family: each run's test report (report.json in its folder, per family) is what the study
+    # lists for that seed, and the overall avg@k is the families' question-weighted mean.
+    for objective in ("grpo-mini", "cppo-mini"):
+        for seed, overall in enumerate(summary["results"][objective]):
+            report = json.loads(
+                (tmp_path / f"{objective}-seed{seed}" / "version_0" / "report.json").read_text()
+            )
+            (benchmark,) = next(iter(report["models"].values()))["benchmarks"].values()
+            families = benchmark["groups"]
+            assert set(families) <= {"colour_of", "count_colour", "presence"} and families
+            for family, figures in families.items():
+                assert summary["groups"][objective][family][seed] == figures["avg"]
+            weighted = sum(figures["avg"] * figures["questions"] for figures in families.values())
+            assert overall == pytest.approx(weighted / benchmark["questions"])
+    assert set(summary["warm_start_groups"]) == set(summary["groups"]["grpo-mini"])
+    assert "| method | " + " | ".join(sorted(summary["warm_start_groups"])) + " |" in table
+
+
+def test_study_refuses_an_objective_without_a_config_before_any_run(tmp_path):
+    # Checked before the warm start: a misspelt arm must not cost minutes of training first.
+    with pytest.raises(ValueError, match=r"no study config for objectives \['cppo_audit'\].*'cppo_audited'"):
+        study(output=tmp_path, objectives=["grpo", "cppo_audit"])
+    with pytest.raises(ValueError, match="jobs must be >= 1, got 0"):
+        study(output=tmp_path, jobs=0)
+    assert not any(tmp_path.iterdir())

@@ -108,3 +108,26 @@ def test_avg_at_k_and_its_spread_over_the_k_samples():
     assert "| m | 50.0 ± 35.4 | 100.0 ± 0.0 | 75.0 ± 17.7 |" in table
     with pytest.raises(ValueError, match="different k"):
         mean_result([first, benchmark_result("C", [[1, 1, 1]])])
+
+
+def test_avg_at_k_per_group_of_questions():
+    # 4 questions x 2 samples in two groups. Group "a" (questions 1 and 3): sample 1 right on both, sample 2
+    # on neither -> per sample [1, 0], avg 0.5, std 1 / sqrt(2). Group "b" (questions 2 and 4): sample 1 right
+    # on one, sample 2 on one -> [0.5, 0.5], avg 0.5, std 0. The whole benchmark is unchanged by grouping.
+    grades = [[1, 0], [1, 1], [1, 0], [0, 0]]
+    result = benchmark_result("A", grades, groups=["a", "b", "a", "b"])
+    assert result.per_sample == benchmark_result("A", grades).per_sample == [0.75, 0.25]
+    assert list(result.groups) == ["a", "b"]
+    assert result.groups["a"].per_sample == [1.0, 0.0] and result.groups["a"].questions == 2
+    assert result.groups["a"].std == pytest.approx(2**-0.5)
+    assert result.groups["b"].per_sample == [0.5, 0.5] and result.groups["b"].std == 0
+    data = result.to_dict()
+    assert data["groups"]["a"]["avg"] == 0.5 and "groups" not in data["groups"]["a"]
+    assert "groups" not in benchmark_result("A", grades).to_dict()
+    table = format_report(
+        {"m": [result]}, {"samples_per_question": 2, "temperature": 1.0, "group_by": "family"}
+    )
+    assert "m, per family:" in table
+    assert "| A | a | 2 | 50.0 ± 70.7 |" in table and "| A | b | 2 | 50.0 ± 0.0 |" in table
+    with pytest.raises(ValueError, match="A: 3 group values for 4 questions"):
+        benchmark_result("A", grades, groups=["a", "b", "a"])
