@@ -13,6 +13,7 @@ import os
 import shlex
 import statistics
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,16 @@ class HeldOut:
     accuracy: float
     groups: dict[str, float] = field(default_factory=dict)
     run: Path | None = None
+
+    def __iter__(self):
+        """``accuracy, run = fit_and_test(...)``: the tuple ``fit_and_test`` returned before, for one version."""
+        warnings.warn(
+            "fit_and_test returns a HeldOut now; unpacking it as (accuracy, run) is deprecated: read its "
+            ".accuracy and .run",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return iter((self.accuracy, self.run))
 
 
 def _grouped(report: EvaluationReport) -> dict[str, float]:

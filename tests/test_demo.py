@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cli import main
-from recipes.demo import study
+from recipes.demo import HeldOut, study
 
 
 def test_demo_pipeline_in_miniature(tiny_qwen, tmp_path, capsys):
@@ -122,3 +122,10 @@ def test_study_refuses_an_objective_without_a_config_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="jobs must be >= 1, got 0"):
         study(output=tmp_path, jobs=0)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_held_out_result_still_unpacks_as_the_old_tuple_with_a_warning():
+    result = HeldOut(0.5, {"colour_of": 0.75}, Path("runs/x"))
+    with pytest.warns(DeprecationWarning, match=r"\.accuracy and \.run"):
+        accuracy, run = result
+    assert (accuracy, run) == (0.5, Path("runs/x"))
