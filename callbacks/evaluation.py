@@ -78,7 +78,7 @@ class BenchmarkResult:
         return statistics.stdev(self.per_sample) if len(self.per_sample) > 1 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        data = {field.name: getattr(self, field.name) for field in fields(self) if field.name != "groups"}
+        data = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "groups"}
         data = {**data, "avg": self.avg, "std": self.std}
         if self.groups:
             data["groups"] = {value: result.to_dict() for value, result in self.groups.items()}
